@@ -1,0 +1,128 @@
+"""The ASGI application: routes, error handling, and the lifespan that owns the node pools.
+
+URL map:
+- the default node at ``/dicom-web``; every node at ``/nodes/{node}/dicom-web``;
+- ``/health`` at the root (``/ready``, ``/status``, ``/metrics``, ``/openapi.json`` as they come).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import AsyncIterator, Awaitable, Callable
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Mount, Route
+
+from .config import Settings
+from .dicomweb.attributes import Level
+from .dicomweb.plan import Resource
+from .dicomweb.qido import SearchContext, search
+from .dicomweb.urls import origin_and_prefix
+from .dimse.node import NodeClient, Nodes, open_nodes
+from .middleware import RequestContextMiddleware, request_id_var
+from .problems import HttpProblem, bad_request, not_found, problem_response
+
+log = logging.getLogger("gateway")
+_UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+OPENAPI_PATH = Path(__file__).resolve().parent.parent / "openapi" / "openapi.json"
+
+
+def _uid_param(request: Request, name: str) -> str | None:
+    value = request.path_params.get(name)
+    if value is None:
+        return None
+    if len(value) > 64 or not _UID_RE.match(value):
+        raise bad_request(f"{value!r} is not a UID (digits and dots, at most 64 characters)", name)
+    return value
+
+
+def _node(request: Request) -> NodeClient:
+    nodes: Nodes = request.app.state.nodes
+    name = request.path_params.get("node")
+    if name is None:
+        return nodes.default
+    node = nodes.get(name)
+    if node is None:
+        raise not_found(f"no node named {name!r} is configured")
+    return node
+
+
+def _search_endpoint(level: Level) -> Callable[[Request], Awaitable[Response]]:
+    async def endpoint(request: Request) -> Response:
+        settings: Settings = request.app.state.settings
+        node = _node(request)
+        origin = origin_and_prefix(request, settings.server.public_url, settings.server.trusted_proxies)
+        mount = "/dicom-web" if "node" not in request.path_params else f"/nodes/{node.name}/dicom-web"
+        base = origin + mount
+        q = settings.qido
+        ctx = SearchContext(
+            node, base, base,
+            max_results=q.max_results, empty_status=q.empty_status, fanout_concurrency=q.fanout_concurrency,
+            fanout_max_parents=q.fanout_max_parents, strict_accept=q.strict_accept, warning_quoted=q.warning_quoted,
+        )
+        resource = Resource(level, _uid_param(request, "study"), _uid_param(request, "series"))
+        return await search(request, ctx, resource)
+
+    return endpoint
+
+
+def dicomweb_routes() -> list[Route]:
+    return [
+        Route("/studies", _search_endpoint(Level.STUDY), methods=["GET"]),
+        Route("/series", _search_endpoint(Level.SERIES), methods=["GET"]),
+        Route("/instances", _search_endpoint(Level.IMAGE), methods=["GET"]),
+        Route("/studies/{study}/series", _search_endpoint(Level.SERIES), methods=["GET"]),
+        Route("/studies/{study}/instances", _search_endpoint(Level.IMAGE), methods=["GET"]),
+        Route("/studies/{study}/series/{series}/instances", _search_endpoint(Level.IMAGE), methods=["GET"]),
+    ]
+
+
+async def health(request: Request) -> Response:
+    return JSONResponse({"status": "ok"})
+
+
+async def openapi(request: Request) -> Response:
+    return Response(OPENAPI_PATH.read_bytes(), media_type="application/json")
+
+
+async def _problem(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HttpProblem)
+    return problem_response(exc, request_id_var.get())
+
+
+async def _http_exception(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    error = {404: "not-found", 405: "method-not-allowed"}.get(exc.status_code, "http-error")
+    problem = HttpProblem(exc.status_code, error, str(exc.detail), headers=dict(exc.headers or {}))
+    return problem_response(problem, request_id_var.get())
+
+
+def create_app(settings: Settings) -> Starlette:
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        async with open_nodes(settings) as nodes:
+            app.state.nodes = nodes
+            log.info("gateway ready: %d node(s), default %r", len(nodes.by_name), nodes.default.name)
+            yield
+
+    routes = [
+        Route("/health", health, methods=["GET"]),
+        Route("/openapi.json", openapi, methods=["GET"]),
+        Mount("/dicom-web", routes=dicomweb_routes()),
+        Mount("/nodes/{node}/dicom-web", routes=dicomweb_routes()),
+    ]
+    app = Starlette(
+        routes=routes,
+        middleware=[Middleware(RequestContextMiddleware)],
+        exception_handlers={HttpProblem: _problem, HTTPException: _http_exception},
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    return app

@@ -1,0 +1,219 @@
+"""C-ECHO and C-FIND over pooled associations.
+
+C-FIND is an async iterator: each identifier is handed over as it arrives, through a small bounded
+stream, from the worker thread that iterates pynetdicom's response generator. When the consumer stops
+early (limit reached, client gone) the worker sends C-CANCEL, drains the responses up to the final
+status (PS3.7 9.3.2.3: pending responses may still arrive), and only then returns the association to
+the pool. That draining runs in the pool's task group, so the request that stopped does not wait for it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+import anyio
+from anyio.streams.memory import MemoryObjectSendStream
+from pydicom.dataset import Dataset
+from pynetdicom.sop_class import (
+    PatientRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelFind,
+)
+
+from .errors import RETRYABLE, ConnectionLost, DimseError, DimseStatusError, DimseTimeout, ServiceNotSupported
+from .pool import AssociationPool, PooledAssociation
+
+log = logging.getLogger("gateway.dimse")
+
+STUDY_ROOT = StudyRootQueryRetrieveInformationModelFind
+PATIENT_ROOT = PatientRootQueryRetrieveInformationModelFind
+
+PENDING = (0xFF00, 0xFF01)
+CANCELLED = 0xFE00
+_BUFFER = 16
+_BACKOFF = (0.1, 0.4, 1.0, 2.0, 4.0)
+
+
+@dataclass(frozen=True)
+class Match:
+    """One pending C-FIND response: the identifier and its status (0xFF00, or 0xFF01 when the PACS
+    says it did not support some optional keys)."""
+
+    identifier: Dataset
+    status: int
+
+
+@dataclass(frozen=True)
+class _Final:
+    status: int
+
+
+@dataclass(frozen=True)
+class _Failed:
+    error: DimseError
+
+
+class _FindJob:
+    """One C-FIND on one association, driven from a worker thread."""
+
+    def __init__(
+        self, pool: AssociationPool, pooled: PooledAssociation, identifier: Dataset, model: str,
+        send: MemoryObjectSendStream[Match | _Final | _Failed],
+    ) -> None:
+        self.pool = pool
+        self.pooled = pooled
+        self.identifier = identifier
+        self.model = model
+        self.send = send
+        self.msg_id = pooled.message_id()
+        self._lock = threading.Lock()
+        self._cancel_wanted = False
+        self._cancel_sent = False
+        self.finished = False
+        self.matches = 0
+
+    def cancel(self) -> None:
+        """Ask the PACS to stop. Safe from any thread; sends at most one C-CANCEL, and none once the
+        final response has arrived. Non-blocking: pynetdicom only queues the message."""
+        with self._lock:
+            self._cancel_wanted = True
+            if self._cancel_sent or self.finished or not self.pooled.alive:
+                return
+            self._cancel_sent = True
+        try:
+            self.pooled.assoc.send_c_cancel(self.msg_id, query_model=self.model)
+        except Exception:  # the association went away in between; the worker sees that too
+            log.debug("C-CANCEL not sent", exc_info=True)
+
+    def _deliver(self, item: Match | _Final | _Failed) -> None:
+        if self._cancel_wanted:
+            return
+        try:
+            anyio.from_thread.run(self.send.send, item)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+            self.cancel()
+
+    def run(self) -> None:
+        """Iterate the responses (blocking). Never raises: failures are delivered as items."""
+        assoc = self.pooled.assoc
+        timeout = self.pool.peer.dimse_timeout
+        last = time.monotonic()
+        try:
+            for status, identifier in assoc.send_c_find(self.identifier, self.model, msg_id=self.msg_id):
+                if "Status" not in status:
+                    self.pooled.broken = True
+                    self._deliver(_Failed(self._classify_silence(time.monotonic() - last, timeout)))
+                    return
+                last = time.monotonic()
+                code = int(status.Status)
+                if code in PENDING:
+                    self.matches += 1
+                    if identifier is not None:
+                        self._deliver(Match(identifier, code))
+                    continue
+                with self._lock:
+                    self.finished = True
+                if code in (0x0000, CANCELLED) or 0xB000 <= code <= 0xBFFF:
+                    self._deliver(_Final(code))
+                else:
+                    self._deliver(_Failed(DimseStatusError(
+                        self.pool.name, f"the PACS answered C-FIND with status 0x{code:04X}", status=code)))
+                return
+        except ValueError as exc:  # pynetdicom: no accepted context for the model
+            self._deliver(_Failed(ServiceNotSupported(self.pool.name, str(exc))))
+        except Exception as exc:  # a bug or an unexpected pynetdicom state: never leave the consumer waiting
+            self.pooled.broken = True
+            log.exception("C-FIND worker failed")
+            self._deliver(_Failed(DimseError(self.pool.name, f"internal error during C-FIND: {type(exc).__name__}")))
+        finally:
+            with self._lock:
+                self.finished = True
+            self.send.close()
+
+    def _classify_silence(self, waited: float, timeout: float) -> DimseError:
+        if waited >= timeout * 0.95:
+            return DimseTimeout(self.pool.name, f"no C-FIND response within {timeout:g} s", phase="dimse")
+        return ConnectionLost(self.pool.name, "the PACS closed the association during C-FIND")
+
+
+async def _run_job(pool: AssociationPool, pooled: PooledAssociation, job: _FindJob) -> None:
+    try:
+        with anyio.CancelScope(shield=True):
+            await pool.run_sync(job.run)
+    finally:
+        await pool.release(pooled)
+
+
+class FindService:
+    """C-ECHO and C-FIND for one node."""
+
+    def __init__(self, pool: AssociationPool, retries: int) -> None:
+        self.pool = pool
+        self.retries = retries
+
+    async def echo(self) -> int:
+        async def attempt() -> int:
+            async with self.pool.query_association() as pooled:
+                status = await self.pool.run_sync(pooled.assoc.send_c_echo)
+                if "Status" not in status:
+                    pooled.broken = True
+                    raise ConnectionLost(self.pool.name, "no C-ECHO response")
+                return int(status.Status)
+
+        for delay in (*_BACKOFF[: self.retries], None):
+            try:
+                return await attempt()
+            except RETRYABLE:
+                if delay is None:
+                    raise
+                await anyio.sleep(delay)
+        raise AssertionError("unreachable")
+
+    async def find(self, identifier: Dataset, *, model: str = STUDY_ROOT) -> AsyncIterator[Match]:
+        """Yield each match as it arrives; raise a DimseError on failure.
+
+        Use with ``contextlib.aclosing`` (or run it to the end): closing the iterator early sends
+        C-CANCEL. A failure before the first match is retried with backoff when it is a connection
+        failure (a stale pooled association, a PACS restarting).
+        """
+        delays = list(_BACKOFF[: self.retries])
+        while True:
+            try:
+                pooled = await self.pool.acquire()
+            except RETRYABLE:
+                if not delays:
+                    raise
+                await anyio.sleep(delays.pop(0))
+                continue
+            send, receive = anyio.create_memory_object_stream[Match | _Final | _Failed](_BUFFER)
+            job = _FindJob(self.pool, pooled, identifier, model, send)
+            try:
+                self.pool.spawn(_run_job, self.pool, pooled, job)
+            except BaseException:
+                await self.pool.release(pooled)
+                raise
+            yielded = False
+            retry = False
+            try:
+                async with receive:
+                    async for item in receive:
+                        if isinstance(item, Match):
+                            yielded = True
+                            yield item
+                        elif isinstance(item, _Final):
+                            return
+                        else:
+                            if not yielded and delays and isinstance(item.error, RETRYABLE):
+                                retry = True
+                                break
+                            raise item.error
+                    else:
+                        raise ConnectionLost(self.pool.name, "the C-FIND ended without a final status")
+            finally:
+                if not job.finished:
+                    job.cancel()
+            if retry:
+                await anyio.sleep(delays.pop(0))

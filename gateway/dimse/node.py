@@ -1,0 +1,101 @@
+"""One configured PACS node: its association pool and the DIMSE services on it."""
+
+from __future__ import annotations
+
+import ssl
+from contextlib import asynccontextmanager
+from typing import AsyncIterator
+
+import anyio
+import anyio.abc
+
+from gateway.config import NodeSettings, Settings
+
+from .find import FindService
+from .net import Peer
+from .pool import AssociationPool, Capabilities
+
+
+def tls_context(node: NodeSettings) -> tuple[ssl.SSLContext, str] | None:
+    if not node.tls.enabled:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=node.tls.ca_file or None)
+    if node.tls.cert_file:
+        context.load_cert_chain(node.tls.cert_file, node.tls.key_file)
+    return context, node.tls.server_name or node.host
+
+
+def peer_for(node: NodeSettings) -> Peer:
+    t = node.timeouts
+    return Peer(
+        name=node.name,
+        ae_title=node.ae_title,
+        host=node.host,
+        port=node.port,
+        max_pdu=node.max_pdu,
+        connect_timeout=t.connect,
+        acse_timeout=t.acse,
+        dimse_timeout=t.dimse,
+        network_timeout=max(t.network, node.idle_timeout + 5),
+        tls=tls_context(node),
+    )
+
+
+class NodeClient:
+    def __init__(self, settings: NodeSettings, calling_ae: str, task_group: anyio.abc.TaskGroup) -> None:
+        self.settings = settings
+        self.name = settings.name
+        self.pool = AssociationPool(
+            peer_for(settings),
+            calling_ae=calling_ae,
+            max_associations=settings.max_associations,
+            acquire_timeout=settings.acquire_timeout,
+            idle_timeout=settings.idle_timeout,
+            relational=settings.relational,
+            fuzzy=settings.fuzzy,
+            task_group=task_group,
+        )
+        self.queries = FindService(self.pool, settings.retries)
+
+    async def capabilities(self) -> Capabilities:
+        """What the node accepted on its last query association; a C-ECHO opens one if none was."""
+        if self.pool.last_capabilities is None:
+            await self.queries.echo()
+        assert self.pool.last_capabilities is not None
+        return self.pool.last_capabilities
+
+
+class Nodes:
+    """Every configured node, keyed by name, with the default one at hand."""
+
+    def __init__(self, settings: Settings, task_group: anyio.abc.TaskGroup) -> None:
+        self.by_name = {n.name: NodeClient(n, settings.gateway.ae_title, task_group) for n in settings.nodes}
+        self.default = self.by_name[settings.default_node.name]
+        self._tg = task_group
+
+    def get(self, name: str) -> NodeClient | None:
+        return self.by_name.get(name)
+
+    async def reap_forever(self, interval: float = 2.0) -> None:
+        while True:
+            await anyio.sleep(interval)
+            for node in self.by_name.values():
+                await node.pool.reap_idle()
+
+    async def aclose(self) -> None:
+        for node in self.by_name.values():
+            await node.pool.aclose()
+
+
+@asynccontextmanager
+async def open_nodes(settings: Settings) -> AsyncIterator[Nodes]:
+    """Pools for every node, with idle reaping, for the lifetime of the block."""
+    async with anyio.create_task_group() as tg:
+        nodes = Nodes(settings, tg)
+        tg.start_soon(nodes.reap_forever)
+        try:
+            yield nodes
+        finally:
+            with anyio.CancelScope(shield=True):
+                await nodes.aclose()
+            tg.cancel_scope.cancel()

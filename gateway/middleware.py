@@ -1,0 +1,103 @@
+"""Request IDs, the access log, and the last line of defence against unexpected errors.
+
+The access log names the route, never the query string and never the UIDs in the path: those are
+patient data and belong to the audit log only.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import re
+import time
+import uuid
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .problems import internal_error_response
+
+access_log = logging.getLogger("gateway.access")
+error_log = logging.getLogger("gateway.error")
+
+request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+
+_REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+_UID_SEGMENT_RE = re.compile(r"/[0-9]+(?:\.[0-9]+)+(?=/|$)")
+_NUMBER_LIST_RE = re.compile(r"/frames/[^/]+")
+
+
+def redact_path(path: str) -> str:
+    """``/dicom-web/studies/1.2.3/series`` -> ``/dicom-web/studies/{uid}/series``."""
+    return _NUMBER_LIST_RE.sub("/frames/{frames}", _UID_SEGMENT_RE.sub("/{uid}", path))
+
+
+class StreamAborted(Exception):
+    """Raised from a response body that has started, so the server drops the connection and no
+    client takes a partial result for a complete one. Logged by whoever raised it."""
+
+
+class RequestContextMiddleware:
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        incoming = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
+        request_id = incoming if _REQUEST_ID_RE.match(incoming) else uuid.uuid4().hex
+        token = request_id_var.set(request_id)
+        scope.setdefault("state", {})["request_id"] = request_id
+        started = time.perf_counter()
+        status = 0
+        sent_bytes = 0
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status, sent_bytes
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
+            elif message["type"] == "http.response.body":
+                sent_bytes += len(message.get("body", b""))
+            await send(message)
+
+        outcome = "ok"
+        try:
+            await self.app(scope, receive, send_wrapper)
+        except StreamAborted:
+            outcome = "aborted"
+            raise
+        except Exception:
+            if status:
+                outcome = "aborted"
+                error_log.exception("unexpected error after the response started (request %s)", request_id)
+                raise
+            error_log.exception("unexpected error (request %s)", request_id)
+            response = internal_error_response(request_id)
+            await response(scope, receive, send_wrapper)
+        finally:
+            access_log.info(
+                '%s "%s %s" %s %dB %.1fms %s %s',
+                scope.get("client", ("-",))[0] if scope.get("client") else "-",
+                scope["method"],
+                redact_path(scope["path"]),
+                status or "-",
+                sent_bytes,
+                (time.perf_counter() - started) * 1000,
+                request_id,
+                outcome,
+            )
+            request_id_var.reset(token)
+
+
+class DropStreamAborted(logging.Filter):
+    """The server logs an exception that ends a response; StreamAborted is a planned end, already
+    logged in one line by the code that raised it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        while exc is not None:
+            if isinstance(exc, StreamAborted):
+                return False
+            exc = exc.__cause__ or exc.__context__ if not isinstance(exc, StreamAborted) else None
+        return True
