@@ -1,0 +1,139 @@
+"""Real PACSes and a real gateway process for the integration tests.
+
+Every PACS holds the same synthetic studies (gateway.demo.data). The gateway under test runs as its
+own process with one node per PACS:
+
+- ``demo``: the demo PACS, relational queries negotiated;
+- ``demo-hier``: a second demo PACS that refuses relational queries (hierarchical fan-out);
+- ``orthanc``: Orthanc, relational not negotiated (Orthanc never acknowledges it), so fan-out;
+- ``orthanc-rel``: the same Orthanc with ``relational = "assume"``;
+- ``dcmqrscp``: DCMTK's dcmqrscp (hierarchical only, ignores keys it cannot match);
+- ``chaos``: a demo PACS whose switches failure tests flip, with short timeouts;
+- ``victim``: a fixed port where tests start a demo PACS and stop it mid-query;
+- ``down``: nothing listens there.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Iterator
+
+import httpx
+import pytest
+from pydicom.dataset import Dataset
+
+from gateway.demo.data import generate_studies
+from gateway.demo.pacs import DemoPACS
+from tests.support.gatewayproc import GatewayProcess
+from tests.support.realpacs import (
+    DCMQRSCP_BINARY,
+    ORTHANC_BINARY,
+    ORTHANC_DICOMWEB_PLUGIN,
+    DcmqrscpServer,
+    OrthancServer,
+    free_port,
+    require_binary,
+)
+
+GATEWAY_AE = "DICOMWEB-GW"
+QUERY_NODES = ("demo", "demo-hier", "orthanc", "orthanc-rel", "dcmqrscp")
+
+
+@pytest.fixture(scope="session")
+def studies() -> list[Dataset]:
+    return generate_studies()
+
+
+@pytest.fixture(scope="session")
+def demo_pacs(studies: list[Dataset]) -> Iterator[DemoPACS]:
+    with DemoPACS(ae_title="DEMO-PACS", datasets=studies) as pacs:
+        yield pacs
+
+
+@pytest.fixture(scope="session")
+def demo_hier(studies: list[Dataset]) -> Iterator[DemoPACS]:
+    pacs = DemoPACS(ae_title="DEMO-HIER", datasets=studies)
+    pacs.relational = False
+    with pacs:
+        yield pacs
+
+
+@pytest.fixture(scope="session")
+def chaos_pacs(studies: list[Dataset]) -> Iterator[DemoPACS]:
+    with DemoPACS(ae_title="CHAOS-PACS", datasets=studies) as pacs:
+        yield pacs
+
+
+@pytest.fixture
+def chaos(chaos_pacs: DemoPACS) -> Iterator[DemoPACS]:
+    """The chaos PACS, reset to good behaviour before and after each test."""
+
+    def reset() -> None:
+        chaos_pacs.reject = None
+        chaos_pacs.response_delay = 0.0
+        chaos_pacs.unsupported_keys = set()
+        chaos_pacs.silently_ignored_keys = set()
+        chaos_pacs.relational = True
+        chaos_pacs.reset_counters()
+
+    reset()
+    yield chaos_pacs
+    reset()
+
+
+@pytest.fixture(scope="session")
+def orthanc(studies: list[Dataset]) -> Iterator[OrthancServer]:
+    require_binary(ORTHANC_BINARY, "Orthanc (Debian package orthanc)")
+    require_binary(ORTHANC_DICOMWEB_PLUGIN, "Orthanc's DICOMweb plugin (Debian package orthanc-dicomweb)")
+    server = OrthancServer(aet="ORTHANC", modalities={"gateway": (GATEWAY_AE, "127.0.0.1", free_port())},
+                           stop_timeout=0)
+    with server:
+        server.load(studies)
+        yield server
+
+
+@pytest.fixture(scope="session")
+def dcmqrscp(studies: list[Dataset]) -> Iterator[DcmqrscpServer]:
+    require_binary(DCMQRSCP_BINARY, "DCMTK's dcmqrscp (Debian package dcmtk)")
+    server = DcmqrscpServer(aet="DCMQRSCP", peers={"gateway": (GATEWAY_AE, "localhost", free_port())})
+    with server:
+        server.load(studies)
+        yield server
+
+
+@pytest.fixture(scope="session")
+def gateway(
+    demo_pacs: DemoPACS, demo_hier: DemoPACS, chaos_pacs: DemoPACS, orthanc: OrthancServer, dcmqrscp: DcmqrscpServer
+) -> Iterator[GatewayProcess]:
+    def node(name: str, ae: str, port: int, **extra: object) -> dict[str, object]:
+        return {"name": name, "ae_title": ae, "host": "127.0.0.1", "port": port, **extra}
+
+    victim_port = free_port()
+    settings = {
+        "gateway": {"ae_title": GATEWAY_AE},
+        "qido": {"max_results": 100},
+        "nodes": [
+            node("demo", "DEMO-PACS", demo_pacs.port, default=True),
+            node("demo-hier", "DEMO-HIER", demo_hier.port),
+            node("orthanc", "ORTHANC", orthanc.dicom_port, max_pdu=131072),
+            node("orthanc-rel", "ORTHANC", orthanc.dicom_port, max_pdu=131072, relational="assume"),
+            node("dcmqrscp", "DCMQRSCP", dcmqrscp.port, max_pdu=131072),
+            node("chaos", "CHAOS-PACS", chaos_pacs.port, max_associations=2, acquire_timeout=1.0, retries=1,
+                 idle_timeout=1.0, timeouts={"connect": 2.0, "acse": 2.0, "dimse": 2.0, "network": 10.0}),
+            node("victim", "VICTIM", victim_port, retries=1, timeouts={"connect": 2.0, "dimse": 5.0}),
+            node("down", "NOBODY", free_port(), retries=1, timeouts={"connect": 2.0}),
+        ],
+    }
+    with GatewayProcess(settings) as gw:
+        gw.victim_port = victim_port
+        yield gw
+
+
+@pytest.fixture
+def client() -> Iterator[httpx.Client]:
+    with httpx.Client(timeout=30) as c:
+        yield c
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").lower() == "true"
