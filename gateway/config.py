@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 
 ENV_PREFIX = "DWG_"
 RETRIEVE_MODES = ("get", "move", "get-then-move")
+RELATIONAL_MODES = ("negotiate", "assume", "off")
 _AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable ASCII, no backslash
 _NODE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 CHARSETS = ("ISO_IR 192", "ISO_IR 100", "ISO_IR 6")
@@ -93,7 +94,7 @@ class NodeSettings:
     idle_timeout: float = 20.0
     max_pdu: int = 1048576
     charset: str = "ISO_IR 192"
-    relational: bool = True
+    relational: str = "negotiate"
     fuzzy: bool = False
     retries: int = 2
     timeouts: Timeouts = field(default_factory=Timeouts)
@@ -300,6 +301,10 @@ def validate(s: Settings) -> None:
             raise ConfigError(f"{w}.max_associations", f"must be between 1 and 256 (got {n.max_associations})")
         if n.max_pdu != 0 and not 4096 <= n.max_pdu <= 0xFFFFFFFF:
             raise ConfigError(f"{w}.max_pdu", f"must be 0 (unlimited) or between 4096 and 4294967295 (got {n.max_pdu})")
+        if n.relational not in RELATIONAL_MODES:
+            raise ConfigError(
+                f"{w}.relational", f"must be one of {', '.join(RELATIONAL_MODES)} (got {n.relational!r})"
+            )
         if n.charset not in CHARSETS:
             raise ConfigError(f"{w}.charset", f"must be one of {', '.join(CHARSETS)} (got {n.charset!r})")
         if not 0 <= n.retries <= 5:

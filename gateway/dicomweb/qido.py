@@ -12,6 +12,7 @@ Response policy:
 
 from __future__ import annotations
 
+import copy
 import logging
 from contextlib import aclosing
 from typing import AsyncIterator
@@ -107,14 +108,24 @@ def _merge(child: Dataset, parent: Dataset | None) -> Dataset:
 
 
 def _step_identifier(plan: Plan, index: int, parent: Dataset | None) -> Dataset:
-    step = plan.steps[index]
-    ds = Dataset()
-    ds.update(step.identifier)
+    ds = copy.deepcopy(plan.steps[index].identifier)  # elements are mutable and shared otherwise
     if parent is not None:
         for tag in (STUDY_UID, SERIES_UID):
             if tag in ds and tag in parent and parent[tag].value:
                 ds[tag].value = parent[tag].value
     return ds
+
+
+def _belongs(child: Dataset, parent: Dataset | None) -> bool:
+    """A child must carry its parent's UIDs: some PACSes match a lower-level UID and ignore the
+    higher-level one they were given."""
+    if parent is None:
+        return True
+    for tag in (STUDY_UID, SERIES_UID):
+        theirs, ours = _uid(child, tag), _uid(parent, tag)
+        if theirs and ours and theirs != ours:
+            return False
+    return True
 
 
 class _Counters:
@@ -157,7 +168,9 @@ async def run_plan(
             async with aclosing(node.queries.find(identifier, model=STUDY_ROOT)) as matches:
                 async for m in matches:
                     counters.ff01 |= m.status == 0xFF01
-                    yield _merge(_decode(m), parent)
+                    child = _decode(m)
+                    if _belongs(child, parent):
+                        yield _merge(child, parent)
             return
         parents = [_merge(p, parent) for p in await _collect(node, identifier, max_parents, counters)]
         # Parents pre-filtered on their own level's keys cut the fan-out short.

@@ -19,7 +19,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, AsyncIterator, TypeVar
 
 import anyio
@@ -98,7 +98,7 @@ class AssociationPool:
         max_associations: int,
         acquire_timeout: float,
         idle_timeout: float,
-        relational: bool,
+        relational: str,
         fuzzy: bool,
         task_group: anyio.abc.TaskGroup,
     ) -> None:
@@ -107,7 +107,8 @@ class AssociationPool:
         self.max_associations = max_associations
         self.acquire_timeout = acquire_timeout
         self.idle_timeout = idle_timeout
-        self._want_relational = relational
+        self._relational_mode = relational
+        self._want_relational = relational != "off"
         self._want_fuzzy = fuzzy
         self._tg = task_group
         self._ae: GatewayAE = make_ae(calling_ae, peer)
@@ -147,8 +148,9 @@ class AssociationPool:
     def _open(self) -> PooledAssociation:
         assoc = associate(self._ae, self.peer, _query_contexts(), self._ext_neg())
         caps = _capabilities(assoc)
-        if not self._want_relational:
-            caps = Capabilities(**{**caps.__dict__, "relational": False})
+        if self._relational_mode != "negotiate":
+            # "assume": the PACS answers relational queries without negotiating them (Orthanc does)
+            caps = replace(caps, relational=self._relational_mode == "assume")
         self.last_capabilities = caps
         return PooledAssociation(assoc, caps)
 
