@@ -11,6 +11,7 @@ contain underscores are unambiguous.
 from __future__ import annotations
 
 import ipaddress
+import math
 import json
 import os
 import re
@@ -224,7 +225,8 @@ def load_settings(path: str | os.PathLike[str] | None = None, *, data: Mapping[s
         except json.JSONDecodeError as exc:
             raise ConfigError(ENV_PREFIX + "NODES", f"not valid JSON: {exc}") from None
     if not isinstance(nodes_raw, list):
-        raise ConfigError("nodes", "must be a list of tables ([[nodes]])")
+        where = ENV_PREFIX + "NODES" if ENV_PREFIX + "NODES" in os.environ else "nodes"
+        raise ConfigError(where, "must be a list of node tables")
     nodes = []
     for i, node in enumerate(nodes_raw):
         name = node.get("name") if isinstance(node, Mapping) else None
@@ -251,8 +253,8 @@ def _check_ae(setting: str, ae: str) -> None:
 
 
 def _check_positive(setting: str, value: float) -> None:
-    if value <= 0:
-        raise ConfigError(setting, f"must be greater than 0 (got {value})")
+    if not math.isfinite(value) or value <= 0:
+        raise ConfigError(setting, f"must be a finite number greater than 0 (got {value})")
 
 
 def validate(s: Settings) -> None:
@@ -284,6 +286,7 @@ def validate(s: Settings) -> None:
     if not s.nodes:
         raise ConfigError("nodes", "at least one [[nodes]] entry is required")
     seen: set[str] = set()
+    env_names: dict[str, str] = {}
     for i, n in enumerate(s.nodes):
         w = f"nodes[{i}]"
         if not _NODE_NAME_RE.match(n.name):
@@ -291,6 +294,12 @@ def validate(s: Settings) -> None:
         if n.name in seen:
             raise ConfigError(f"{w}.name", f"duplicate node name {n.name!r}")
         seen.add(n.name)
+        env = env_name_for_node(n.name)
+        if env in env_names:
+            raise ConfigError(
+                f"{w}.name", f"{n.name!r} and {env_names[env]!r} share the environment prefix {env}_; rename one"
+            )
+        env_names[env] = n.name
         _check_ae(f"{w}.ae_title", n.ae_title)
         if not n.host:
             raise ConfigError(f"{w}.host", "is required")

@@ -46,7 +46,7 @@ STUDY_KEYS = _tags(
     "StudyDescription", "ProcedureCodeSequence", "NameOfPhysiciansReadingStudy",
     "AdmittingDiagnosesDescription", "PatientAge", "PatientSize", "PatientWeight", "Occupation",
     "AdditionalPatientHistory", "OtherStudyNumbers", "NumberOfStudyRelatedSeries",
-    "NumberOfStudyRelatedInstances", "InstanceAvailability", "ReasonForPerformedProcedureCodeSequence",
+    "NumberOfStudyRelatedInstances", "ReasonForPerformedProcedureCodeSequence",
 )
 SERIES_KEYS = _tags(
     "Modality", "SeriesNumber", "SeriesInstanceUID", "SeriesDescription", "SeriesDate", "SeriesTime",
@@ -57,7 +57,9 @@ SERIES_KEYS = _tags(
     "ManufacturerModelName", "FrameOfReferenceUID",
 )
 # Attributes that belong to whichever level is queried.
-ANY_LEVEL_KEYS = _tags("SpecificCharacterSet", "TimezoneOffsetFromUTC", "QueryRetrieveLevel", "RetrieveAETitle")
+ANY_LEVEL_KEYS = _tags(
+    "SpecificCharacterSet", "TimezoneOffsetFromUTC", "QueryRetrieveLevel", "RetrieveAETitle", "InstanceAvailability"
+)
 
 UNIQUE_KEYS = {
     Level.STUDY: Tag(tag_for_keyword("StudyInstanceUID")),

@@ -29,7 +29,7 @@ from .attributes import (
     query_level,
     vr_of,
 )
-from .query import INT_VRS, FLOAT_VRS, MatchKey, QidoQuery, QueryError, _split_dt_range
+from .query import FLOAT_VRS, INT_VRS, MatchKey, QidoQuery, QueryError, comparable, range_bounds
 
 STUDY_UID = UNIQUE_KEYS[Level.STUDY]
 SERIES_UID = UNIQUE_KEYS[Level.SERIES]
@@ -136,6 +136,11 @@ def _add_key(ds: Dataset, key: MatchKey, value: object) -> None:
 
 def _add_return_tag(ds: Dataset, tag: BaseTag) -> None:
     if tag in ds:
+        if ds[tag].VR == "SQ" and ds[tag].value:
+            item = ds[tag].value[0]
+            for sub in SEQUENCE_DEFAULT_ITEMS.get(tag, ()):
+                if sub not in item:
+                    item.add_new(sub, vr_of(sub), None)
         return
     vr = vr_of(tag)
     if vr == "SQ":
@@ -219,12 +224,12 @@ def build_plan(
 
     # Keys per query level.
     keys_by_level: dict[Level, list[MatchKey]] = {Level.STUDY: [], Level.SERIES: [], Level.IMAGE: []}
+    target = resource.level
     for key in pacs_keys:
-        keys_by_level[query_level(_key_level(key))].append(key)
+        keys_by_level[_step_level(_key_level(key), target)].append(key)
     path_uids = {Level.STUDY: resource.study_uid, Level.SERIES: resource.series_uid}
 
     # Which levels above the target constrain the query beyond a single unique key?
-    target = resource.level
 
     def constrains(level: Level) -> bool:
         """True when a hierarchical query below ``level`` cannot express the keys of ``level``."""
@@ -239,16 +244,18 @@ def build_plan(
     upper = [lv for lv in (Level.STUDY, Level.SERIES) if lv < target]
     # A level above the target takes part when it has keys a hierarchical query cannot carry, or when
     # the results must carry its attributes (/series and /instances return study attributes too).
-    constraining = [lv for lv in upper if constrains(lv) or lv in resource.output_levels]
+    wanted_upper = {_step_level(_key_level(k), target) for k in includes}
+    constraining = [lv for lv in upper if constrains(lv) or lv in resource.output_levels or lv in wanted_upper]
     use_relational = relational and bool(constraining)
     first = target if use_relational or not constraining else constraining[0]
+    # Levels between the first and the target that are fixed by a path UID and add nothing are skipped.
+    step_levels = [lv for lv in (Level.STUDY, Level.SERIES, Level.IMAGE)
+                   if lv == target or (first <= lv < target and (lv in constraining or not path_uids.get(lv)))]
 
     output_tags = _output_tags(resource, includes, matches, query.include_all)
 
     steps: list[Step] = []
-    for level in (Level.STUDY, Level.SERIES, Level.IMAGE):
-        if level < first or level > target:
-            continue
+    for level in step_levels:
         ds = Dataset()
         if charset_value:
             ds.SpecificCharacterSet = charset_value
@@ -266,12 +273,10 @@ def build_plan(
         for lv in levels_here:
             _add_key_silently(ds, UNIQUE_KEYS[lv])
         for tag, _items in output_tags:
-            tag_level = level_of(tag)
-            lv = target if tag_level is None else query_level(tag_level)
-            if lv in levels_here:
+            if _step_level(level_of(tag), target) in levels_here:
                 _add_return_tag(ds, tag)
         for key in includes:
-            if query_level(_key_level(key)) in levels_here:
+            if _step_level(_key_level(key), target) in levels_here:
                 _add_key(ds, key, None)
         for lv in (Level.STUDY, Level.SERIES):
             if lv < level:
@@ -280,6 +285,11 @@ def build_plan(
 
     post_filters = [k for k in matches if k.values and not (query.fuzzy and fuzzy_accepted and k.vr == "PN")]
     return Plan(resource, steps, use_relational, output_tags, post_filters, warnings)
+
+
+def _step_level(level: Level | None, target: Level) -> Level:
+    """The C-FIND level that carries an attribute of ``level`` (None: any level, so the target's)."""
+    return target if level is None else query_level(level)
 
 
 def _add_key_silently(ds: Dataset, tag: BaseTag) -> None:
@@ -344,50 +354,34 @@ def _pn_groups(value: object) -> list[str]:
     if isinstance(value, PersonName):
         groups = [value.alphabetic, value.ideographic, value.phonetic]
     else:
-        groups = str(value).split("=")
-    return [g.rstrip("^ ") for g in groups if g]
+        groups = (str(value).split("=") + ["", ""])[:3]
+    return [g.rstrip("^ ") for g in groups]
 
 
-def _pad_time(value: str, high: bool) -> str:
-    value = value.replace(":", "").strip()
-    whole, _, frac = value.partition(".")
-    filler = "235959" if high else "000000"
-    whole = whole + filler[len(whole):]
-    frac = (frac + ("999999" if high and not frac else "000000"))[:6]
-    return f"{whole}.{frac}"
-
-
-def _pad_datetime(value: str, high: bool) -> str:
-    digits = re.match(r"[\d.]*", value.strip()).group(0)  # the offset (&ZZXX) is not compared
-    day, clock = digits[:8], digits[8:]
-    day = day + ("99991231" if high else "00000101")[len(day):]
-    return day + _pad_time(clock, high)
+def _pn_matches(spec: str, value: object) -> bool:
+    """Case-insensitive; a one-group query matches any group, a query with groups matches group-wise."""
+    stored = _pn_groups(value)
+    wanted = spec.split("=")
+    if len(wanted) == 1:
+        return any(g and _wildcard_re(spec, True).fullmatch(g) for g in stored)
+    return all(not w or _wildcard_re(w.rstrip("^ "), True).fullmatch(g) for w, g in zip(wanted, stored))
 
 
 def _in_range(vr: str, stored: str, spec: str) -> bool:
-    if vr == "DT":
-        parts = _split_dt_range(spec) or (spec, spec)
-    else:
-        lo, sep, hi = spec.partition("-")
-        parts = (lo, hi) if sep else (spec, spec)
-    lo, hi = parts
-    if vr == "DA":
-        s = stored.replace(".", "").replace("-", "").strip()
-        return (not lo or s >= lo) and (not hi or s <= hi)
-    if vr == "TM":
-        s = _pad_time(stored, False)
-        return (not lo or s >= _pad_time(lo, False)) and (not hi or s <= _pad_time(hi, True))
-    s = _pad_datetime(stored, False)
-    return (not lo or s >= _pad_datetime(lo, False)) and (not hi or s <= _pad_datetime(hi, True))
+    lo, hi = range_bounds(vr, spec)
+    low_value, high_value = comparable(vr, stored, high=False), comparable(vr, stored, high=True)
+    return (lo is None or high_value >= lo) and (hi is None or low_value <= hi)
 
 
 def value_matches(key: MatchKey, value: object) -> bool:
+    if not key.values:
+        return True  # universal
     spec = key.values[0]
     if key.vr == "UI":
         return str(value).strip() in key.values
     if key.vr == "PN":
-        return any(_wildcard_re(spec, True).fullmatch(g) for g in _pn_groups(value))
-    if key.is_range or key.vr in ("DA", "TM", "DT"):
+        return _pn_matches(spec, value)
+    if key.vr in ("DA", "TM", "DT"):
         return _in_range(key.vr, str(value), spec)
     if key.vr in INT_VRS:
         try:
@@ -405,14 +399,18 @@ def value_matches(key: MatchKey, value: object) -> bool:
 
 
 def _combined_match(ds: Dataset, date_key: MatchKey, time_key: MatchKey) -> bool | None:
+    """StudyDate+StudyTime ranges as one date-time range (PS3.4 C.2.2.2.5.1); None if unknowable."""
     dates, times = _values_at(ds, date_key.path), _values_at(ds, time_key.path)
-    if not dates or not times:
+    if not dates:
         return None
-    stored = str(dates[0]).strip() + _pad_time(str(times[0]), False)
-    dlo, _, dhi = date_key.values[0].partition("-")
-    tlo, _, thi = time_key.values[0].partition("-")
-    low = (dlo + _pad_time(tlo or "000000", False)) if dlo else ""
-    high = (dhi + _pad_time(thi or "235959", True)) if dhi else ""
+    if not times:
+        # without the time only the date can be checked; a date outside the range fails anyway
+        return None if _in_range("DA", str(dates[0]), date_key.values[0]) else False
+    day_lo, _, day_hi = date_key.values[0].partition("-")
+    time_lo, _, time_hi = time_key.values[0].partition("-")
+    stored = comparable("DA", str(dates[0]), high=False) + comparable("TM", str(times[0]), high=False)
+    low = comparable("DA", day_lo, high=False) + comparable("TM", time_lo, high=False) if day_lo else ""
+    high = comparable("DA", day_hi, high=True) + comparable("TM", time_hi, high=True) if day_hi else ""
     return (not low or stored >= low) and (not high or stored <= high)
 
 

@@ -272,7 +272,12 @@ class SearchContext:
 
 async def search(request: Request, ctx: SearchContext, resource: Resource) -> Response:
     try:
-        query = parse_query(request.scope.get("query_string", b"").decode("latin-1"))
+        raw = request.scope.get("query_string", b"")
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise QueryError("query", "the query string is not UTF-8; percent-encode non-ASCII values") from None
+        query = parse_query(text)
     except QueryError as exc:
         raise bad_request(exc.message, exc.parameter) from None
     media_type = choose_media_type(request.headers.get("accept"), query.accept, query.charset, ctx.strict_accept)

@@ -30,13 +30,16 @@ MAX_LENGTH = {"AE": 16, "AS": 4, "CS": 16, "DA": 18, "DS": 16, "DT": 54, "IS": 1
 RESERVED = frozenset({"includefield", "fuzzymatching", "limit", "offset", "emptyvaluematching",
                       "multiplevaluematching", "accept", "charset"})
 MAX_PARAMETERS = 200
+INT_RANGES = {"IS": (-(2**31), 2**31 - 1), "SS": (-(2**15), 2**15 - 1), "US": (0, 2**16 - 1),
+              "SL": (-(2**31), 2**31 - 1), "UL": (0, 2**32 - 1), "SV": (-(2**63), 2**63 - 1), "UV": (0, 2**64 - 1)}
+_BAD_ESCAPE_RE = re.compile(r"%(?![0-9A-Fa-f]{2})")
 
 _UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 _LOOSE_UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _TAG_RE = re.compile(r"^[0-9A-Fa-f]{8}$")
 _DA_RE = re.compile(r"^\d{8}$")
-_TM_RE = re.compile(r"^(\d{2})(\d{2})?(\d{2})?(\.\d{1,6})?$")
-_DT_RE = re.compile(r"^\d{4}(\d{2}(\d{2}(\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?)?)?)?([+-]\d{4})?$")
+_TM_RE = re.compile(r"^(\d{2})(?:(\d{2})(?:(\d{2})(\.\d{1,6})?)?)?$")
+_DT_RE = re.compile(r"^(\d{4}(?:\d{2}(?:\d{2}(?:\d{2}(?:\d{2}(?:\d{2}(?:\.\d{1,6})?)?)?)?)?)?)([+-]\d{4})?$")
 _INT_RE = re.compile(r"^[+-]?\d+$")
 _FLOAT_RE = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
 _AS_RE = re.compile(r"^\d{3}[DWMY]$")
@@ -124,6 +127,8 @@ def split_query(raw: str) -> list[tuple[str, str]]:
         if not chunk:
             continue
         name, _, value = chunk.partition("=")
+        if _BAD_ESCAPE_RE.search(chunk):
+            raise QueryError(unquote_plus(name, errors="replace"), "a '%' must start a percent-encoded byte (%XX)")
         try:
             pairs.append((unquote_plus(name, errors="strict"), unquote_plus(value, errors="strict")))
         except UnicodeDecodeError:
@@ -166,7 +171,7 @@ def _vr(tag: BaseTag, creators: dict[BaseTag, str]) -> str:
         try:
             return private_dictionary_VR(tag, creator)
         except KeyError:
-            return "UN"
+            return "LO"  # unknown to the dictionary: matched and sent as text
     try:
         return vr_of(tag)
     except KeyError:
@@ -210,10 +215,20 @@ def _valid_time(text: str) -> bool:
     return hh < 24 and mm < 60 and ss < 61
 
 
+def _valid_offset(offset: str) -> bool:
+    """&ZZXX: -1200 to +1400, minutes below 60 (PS3.5 Table 6.2-1, DT)."""
+    hours, minutes = int(offset[1:3]), int(offset[3:5])
+    signed = hours * 60 + minutes if offset[0] == "+" else -(hours * 60 + minutes)
+    return minutes < 60 and -12 * 60 <= signed <= 14 * 60
+
+
 def _valid_datetime(text: str) -> bool:
-    if not _DT_RE.match(text):
+    m = _DT_RE.match(text)
+    if not m:
         return False
-    body = re.split(r"[+-]", text)[0]
+    if m.group(2) and not _valid_offset(m.group(2)):
+        return False
+    body = m.group(1)
     if len(body) >= 8 and not _valid_date(body[:8]):
         return False
     if len(body) > 8 and not _valid_time(body[8:]):
@@ -246,10 +261,45 @@ def _check_range_value(param: str, vr: str, value: str) -> None:
         parts = (lo, hi) if sep and (lo or hi) and "-" not in hi else None
     if parts is None or not all(single(p) for p in parts if p):
         raise QueryError(param, f"{value!r} is not a {vr} value or range ({fmt}, or a range a-b, -b or a-)")
-    if vr == "TM" and parts[0] and parts[1] and parts[0] > parts[1]:
-        raise QueryError(param, "a TM range cannot cross midnight")
-    if vr == "DA" and parts[0] and parts[1] and parts[0] > parts[1]:
+    if parts[0] and parts[1] and comparable(vr, parts[0], high=False) > comparable(vr, parts[1], high=True):
+        if vr == "TM":
+            raise QueryError(param, "a TM range cannot cross midnight")
         raise QueryError(param, "the range's start is after its end")
+
+
+def _pad_time(value: str, high: bool) -> str:
+    value = value.replace(":", "").strip()
+    whole, _, frac = value.partition(".")
+    whole = whole + ("235959" if high else "000000")[len(whole):]
+    frac = frac + ("999999" if high else "000000")[len(frac):]
+    return f"{whole[:6]}.{frac[:6]}"
+
+
+def comparable(vr: str, value: str, *, high: bool) -> str:
+    """A DA, TM or DT value as a string that sorts in time order, partial values widened to the
+    start (``high=False``) or end (``high=True``) of the period they name. A DT's UTC offset is
+    not compared: the gateway matches local times, as it does not negotiate timezone adjustment."""
+    value = value.strip()
+    if vr == "DA":
+        digits = value.replace(".", "").replace("-", "")  # ACR-NEMA dates had dots
+        return digits + ("99991231" if high else "00000101")[len(digits):]
+    if vr == "TM":
+        return _pad_time(value, high)
+    m = re.match(r"[\d.]*", value)
+    digits = m.group(0) if m else ""
+    day, clock = digits[:8], digits[8:]
+    return day + ("99991231" if high else "00000101")[len(day):] + _pad_time(clock, high)
+
+
+def range_bounds(vr: str, spec: str) -> tuple[str | None, str | None]:
+    """The comparable bounds of a DA/TM/DT match value: a range, or a single value at its precision."""
+    if vr == "DT":
+        parts = _split_dt_range(spec) if not _valid_datetime(spec) else None
+    else:
+        lo_, sep, hi_ = spec.partition("-")
+        parts = (lo_, hi_) if sep else None
+    lo, hi = parts if parts else (spec, spec)
+    return (comparable(vr, lo, high=False) if lo else None, comparable(vr, hi, high=True) if hi else None)
 
 
 def check_value(param: str, vr: str, value: str) -> str:
@@ -271,8 +321,12 @@ def check_value(param: str, vr: str, value: str) -> str:
         raise QueryError(param, f"wildcards are not allowed for VR {vr}")
     if vr in RANGE_VRS:
         _check_range_value(param, vr, value)
-    elif vr in INT_VRS and not _INT_RE.match(value.strip()):
-        raise QueryError(param, f"{value!r} is not an integer")
+    elif vr in INT_VRS:
+        if not _INT_RE.match(value.strip()):
+            raise QueryError(param, f"{value!r} is not an integer")
+        low, high = INT_RANGES[vr]
+        if not low <= int(value) <= high:
+            raise QueryError(param, f"{value} is outside the range of VR {vr} ({low} to {high})")
     elif vr in FLOAT_VRS and not _FLOAT_RE.match(value.strip()):
         raise QueryError(param, f"{value!r} is not a number")
     elif vr == "AS" and not _AS_RE.match(value):
@@ -355,6 +409,8 @@ def parse_query(raw: str) -> QidoQuery:
                     path, vr = parse_attribute(item, creators)
                 except LookupError:
                     raise QueryError("includefield", f"{item!r} is not an attribute keyword or tag") from None
+                except QueryError as exc:
+                    raise QueryError("includefield", exc.message) from None
                 includes[path] = MatchKey("includefield", path, vr, ())
             if include_all and any(v.strip() != "all" for value in values for v in value.split(",") if v.strip()):
                 raise QueryError("includefield", "'all' must stand alone")

@@ -222,7 +222,6 @@ class TestFile:
         config.write_text('[nodes]\nname = "p"\n')
         assert config_error(path=config).setting == "nodes"
 
-    @pytest.mark.xfail(strict=True, reason="bug: a NaN timeout passes the 'greater than 0' check (nan <= 0 is False)")
     def test_nan_timeout_in_file(self, tmp_path: Path):
         config = tmp_path / "gateway.toml"
         config.write_text(
@@ -370,11 +369,6 @@ class TestNodeSet:
     def test_node_not_a_table(self):
         assert config_error({"nodes": ["pacs"]}).setting == "nodes[0]"
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason="bug: 'pacs' and 'PACS' (or 'my-pacs' and 'my_pacs') are accepted as "
-        "distinct nodes although both read DWG_NODE_PACS_* overrides",
-    )
     @pytest.mark.parametrize("first,second", [("pacs", "PACS"), ("my-pacs", "my_pacs")])
     def test_names_that_share_environment_variables(self, first, second):
         err = config_error({"nodes": [{**NODE, "name": first, "default": True}, {**NODE, "name": second}]})
@@ -528,7 +522,6 @@ class TestEnvironment:
         monkeypatch.setenv("DWG_NODE_PACS_TIMEOUTS_DIMSE", "-1")
         assert config_error({"nodes": [NODE]}).setting == "nodes[0].timeouts.dimse"
 
-    @pytest.mark.xfail(strict=True, reason="bug: DWG_NODE_<NAME>_TIMEOUTS_DIMSE=nan is accepted as a timeout")
     def test_nan_timeout_from_environment(self, monkeypatch):
         monkeypatch.setenv("DWG_NODE_PACS_TIMEOUTS_DIMSE", "nan")
         err = config_error({"nodes": [NODE]})
@@ -601,12 +594,6 @@ class TestEnvironment:
         monkeypatch.setenv("DWG_NODES", "[]")
         assert config_error({"nodes": [NODE]}).setting == "nodes"
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason="bug: DWG_NODES holding a JSON object (not a list) is reported as "
-        "'nodes: must be a list of tables ([[nodes]])', naming the file's "
-        "section instead of the variable",
-    )
     def test_dwg_nodes_not_a_list_names_the_variable(self, monkeypatch):
         monkeypatch.setenv("DWG_NODES", json.dumps(NODE))
         assert config_error({"nodes": [NODE]}).setting == "DWG_NODES"

@@ -237,12 +237,6 @@ class TestStepsPerResource:
         missing = expected - requested
         assert not missing, missing
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason="bug: InstanceAvailability is an Image-level default (Table 10.6.3-5) but "
-        "is classed as a Study attribute, so an IMAGE-level C-FIND without "
-        "study-level keys never asks for it",
-    )
     @pytest.mark.parametrize(
         "resource,relational",
         [
@@ -365,11 +359,6 @@ class TestMatchKeys:
         assert items[0].ScheduledProcedureStepID == "SPS1"
         assert items[0].RequestedProcedureID == "RP1"
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason="bug: a match inside RequestAttributesSequence replaces the default item, "
-        "so RequestedProcedureID (Table 10.6.3-4) is no longer asked for",
-    )
     def test_sequence_match_keeps_the_default_item_keys(self):
         plan = make("RequestAttributesSequence.ScheduledProcedureStepID=SPS1", "/studies/{s}/series")
         (item,) = value(step(plan, Level.SERIES), "RequestAttributesSequence")
@@ -559,12 +548,6 @@ class TestOutOfLevelAndWarnings:
             for s in plan.steps
         )
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason="bug: includefield of a Patient attribute on /studies/{s}/series is "
-        "accepted (no warning, listed in output_tags) but no step asks the "
-        "PACS for it, so every result shows it empty",
-    )
     @pytest.mark.parametrize("relational", BOTH_MODES)
     def test_patient_includefield_on_study_series_is_requested(self, relational):
         plan = make("includefield=PatientName", "/studies/{s}/series", relational=relational)
@@ -599,12 +582,6 @@ class TestOutOfLevelAndWarnings:
     def test_no_warnings_for_a_clean_query(self):
         assert make("PatientID=P1&StudyDate=20200101-&includefield=StudyDescription&limit=5").warnings == []
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason="questionable: TimezoneOffsetFromUTC belongs to any level but is routed "
-        "to STUDY, which adds a needless STUDY C-FIND and matches the study's "
-        "offset instead of the series'",
-    )
     def test_timezone_offset_goes_to_the_target_level(self):
         plan = make("TimezoneOffsetFromUTC=-0500", "/studies/{s}/series")
         assert [s.level for s in plan.steps] == [Level.SERIES]
@@ -717,11 +694,6 @@ class TestCombinedDateTime:
     def test_empty_time_is_kept(self):
         assert post_filter(data(StudyDate="20200101", StudyTime=""), make(self.RAW).post_filters).keep
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason="bug: when the PACS returns no StudyTime, a StudyDate outside the range "
-        "is not checked either; the date alone already rules the study out",
-    )
     def test_missing_time_still_checks_the_date(self):
         assert not post_filter(data(StudyDate="20200105"), make(self.RAW).post_filters).keep
 
@@ -844,11 +816,6 @@ class TestPostFilter:
         stored = "Yamada^Tarou=山田^太郎=やまだ^たろう"
         assert keep(raw, data(PatientName=stored)) is kept
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason="bug: a PN query with several component groups is compared with each "
-        "single group, so even the identical name is dropped",
-    )
     def test_person_name_query_with_groups(self):
         stored = "Yamada^Tarou=山田^太郎"
         assert keep("PatientName=Yamada%5ETarou%3D%E5%B1%B1%E7%94%B0%5E%E5%A4%AA%E9%83%8E", data(PatientName=stored))
@@ -897,11 +864,6 @@ class TestPostFilter:
         name = raw.split("=")[0]
         assert keep(raw, data(**{name: stored})) is kept
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason="bug: post_filter splits a single DT with a negative UTC offset at the "
-        "'-' as if it were a range (the parser does not), so no value matches",
-    )
     def test_datetime_with_negative_offset_matches_itself(self):
         assert keep("AcquisitionDateTime=20200101120000-0500", data(AcquisitionDateTime="20200101120000-0500"))
 
