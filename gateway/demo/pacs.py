@@ -390,6 +390,7 @@ class DemoPACS:
             self.associations_current = len(self._active)
             self.associations_peak = len(self._active)
             self.find_requests = 0
+            self.find_matches_sent = 0
             self._last_find.clear()
             self.stored: dict[str, str] = {}
 
@@ -469,6 +470,8 @@ class DemoPACS:
             if self._count_cancel(event):
                 yield CANCELLED, None
                 return
+            with self._lock:
+                self.find_matches_sent += 1
             yield plan.status, response
         if self._count_cancel(event):
             yield CANCELLED, None

@@ -354,21 +354,20 @@ async def _respond(ctx: SearchContext, plan: Plan, query: QidoQuery, media_type:
         response.raw_headers += [(k.encode(), v.encode()) for k, v in headers]
         return response
 
+    def encode(item: Dataset) -> bytes:
+        return dataset_to_json(shape(item, plan, ctx.base_url)).encode("utf-8")
+
     async def body() -> AsyncIterator[bytes]:
-        count = 0
-        first = True
+        count = len(held)
         try:
-            yield b"["
-            for item in held:
-                yield (b"" if first else b",") + dataset_to_json(shape(item, plan, ctx.base_url)).encode("utf-8")
-                first = False
-                count += 1
+            # held is never empty here: a search without matches was answered above
+            yield b"[" + b",".join(encode(item) for item in held)
             if not finished:
                 async for item in stream:
                     if count >= limit:
                         log.warning("search result passed max_results=%d without a limit; connection aborted", limit)
                         raise StreamAborted("max_results passed")
-                    yield b"," + dataset_to_json(shape(item, plan, ctx.base_url)).encode("utf-8")
+                    yield b"," + encode(item)
                     count += 1
             yield b"]"
         except DimseError as exc:

@@ -900,11 +900,25 @@ class DcmqrscpServer(_ManagedServer):
     # -- data ------------------------------------------------------------------
     def load(self, datasets: Iterable, calling_aet: str = HELPER_AET) -> None:
         """C-STORE the datasets, then check with C-FIND that all are present."""
-        from pynetdicom import AE, evt
-
         datasets = [_with_file_meta(ds) for ds in datasets]
         if not datasets:
             return
+        pending = list(datasets)
+        for _ in range(3):
+            pending = self._store(pending, calling_aet)
+            if not pending:
+                break
+        else:
+            raise RuntimeError(
+                f"C-STORE of {pending[0].SOPInstanceUID} failed three times; log tail:\n{self.log_tail()}"
+            )
+        self._verify_present(datasets, calling_aet)
+
+    def _store(self, datasets: list, calling_aet: str) -> list:
+        """Store on one association; return what is left when the association breaks (seen rarely
+        under load: dcmqrscp's per-association child gone), so the caller can go on with a new one."""
+        from pynetdicom import AE, evt
+
         ae = AE(ae_title=calling_aet)
         ae.maximum_pdu_size = self.max_pdu
         contexts: dict[str, set[str]] = {}
@@ -920,7 +934,7 @@ class DcmqrscpServer(_ManagedServer):
             ae.shutdown()
             raise RuntimeError(f"dcmqrscp refused the association; log tail:\n{self.log_tail()}")
         try:
-            for ds in datasets:
+            for index, ds in enumerate(datasets):
                 try:
                     status = assoc.send_c_store(ds)
                 except ValueError as exc:  # no accepted presentation context
@@ -929,16 +943,18 @@ class DcmqrscpServer(_ManagedServer):
                         f"{ds.file_meta.TransferSyntaxUID} (compressed syntaxes need "
                         f"e.g. extra_args=['+xs']): {exc}") from exc
                 code = getattr(status, "Status", None)
-                if code is None or code not in (0x0000, 0xB000, 0xB007, 0xB006):
+                if code is None:
+                    return datasets[index:]
+                if code not in (0x0000, 0xB000, 0xB007, 0xB006):
                     raise RuntimeError(
-                        f"C-STORE of {ds.SOPInstanceUID} failed: status {code!r}; "
+                        f"C-STORE of {ds.SOPInstanceUID} failed: status 0x{code:04X}; "
                         f"log tail:\n{self.log_tail()}"
                     )
+            return []
         finally:
             if assoc.is_established:
                 assoc.release()
             ae.shutdown()
-        self._verify_present(datasets, calling_aet)
 
     def _verify_present(self, datasets: Sequence, calling_aet: str) -> None:
         from pydicom.dataset import Dataset
