@@ -12,10 +12,11 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
-import threading
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Any
 
 _ESTABLISHED = "01"
 _CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
@@ -112,11 +113,12 @@ class Peaks:
 
 
 class Sampler:
-    """Samples the gateway every ``interval`` seconds in a background thread.
+    """Samples the gateway every ``interval`` seconds from a separate process.
 
-    ``window()`` starts a new measurement window and returns the peaks of the one that ended;
-    ``overall`` holds the peaks since ``start()``. Bounded: the thread stops at ``stop()`` or after
-    ``max_seconds``, whichever comes first.
+    A process of its own, so that the sampling rate does not depend on how busy the benchmark's client
+    threads keep this interpreter. ``window()`` starts a new measurement window and returns the peaks
+    of the one that ended; ``stop()`` returns the peaks since ``start()``. Bounded: the sampler exits
+    at ``stop()``, after ``max_seconds``, or when this process is gone.
     """
 
     def __init__(self, gateway_pid: int, pacs_port: int, interval: float = 0.005, max_seconds: float = 1800.0) -> None:
@@ -124,42 +126,75 @@ class Sampler:
         self.pacs_port = pacs_port
         self.interval = interval
         self.max_seconds = max_seconds
-        self.overall = Peaks()
-        self._window = Peaks()
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="bench-sampler", daemon=True)
         self.last_error: str | None = None
+        self._conn: Any = None
+        self._proc: Any = None
+        self._overall = Peaks()
 
     def start(self) -> "Sampler":
-        self._thread.start()
+        ctx = multiprocessing.get_context("spawn")  # never fork a process that runs threads
+        self._conn, child = ctx.Pipe()
+        self._proc = ctx.Process(
+            target=_sampler_main, name="bench-sampler", daemon=True,
+            args=(child, self.gateway_pid, self.pacs_port, self.interval, self.max_seconds, os.getpid()),
+        )
+        self._proc.start()
+        child.close()
+        if not self._conn.poll(30) or self._conn.recv() != "ready":
+            raise RuntimeError("the sampler process did not start")
         return self
 
-    def stop(self) -> Peaks:
-        self._stop.set()
-        self._thread.join(timeout=5)
-        return self.overall
+    def _ask(self, message: str) -> Peaks:
+        try:
+            self._conn.send(message)
+            if not self._conn.poll(10):
+                raise TimeoutError("no answer")
+            answer = self._conn.recv()
+        except (OSError, EOFError, TimeoutError) as exc:
+            self.last_error = f"sampler process: {type(exc).__name__}: {exc}"
+            return Peaks()
+        if answer.get("error"):
+            self.last_error = answer["error"]
+        return Peaks(**answer["peaks"])
 
     def window(self) -> Peaks:
-        with self._lock:
-            ended, self._window = self._window, Peaks()
-        return ended
+        return self._ask("window")
 
-    def sample_once(self) -> None:
-        assoc = associations_from(self.gateway_pid, self.pacs_port)
-        status = status_fields(self.gateway_pid)
-        with self._lock:
-            for peaks in (self.overall, self._window):
+    def stop(self) -> Peaks:
+        if self._proc is None:
+            return self._overall
+        self._overall = self._ask("stop")
+        self._proc.join(timeout=5)
+        if self._proc.is_alive():
+            self._proc.kill()
+            self._proc.join(timeout=5)
+        self._conn.close()
+        self._proc = None
+        return self._overall
+
+
+def _sampler_main(conn: Any, gateway_pid: int, pacs_port: int, interval: float, max_seconds: float,
+                  parent_pid: int) -> None:
+    overall, window = Peaks(), Peaks()
+    error: str | None = None
+    conn.send("ready")
+    deadline = time.monotonic() + max_seconds
+    while time.monotonic() < deadline and os.getppid() == parent_pid:
+        try:
+            assoc = associations_from(gateway_pid, pacs_port)
+            status = status_fields(gateway_pid)
+            for peaks in (overall, window):
                 peaks.associations = max(peaks.associations, assoc)
                 peaks.rss_kb = max(peaks.rss_kb, status.get("rss_kb", 0))
                 peaks.threads = max(peaks.threads, status.get("threads", 0))
                 peaks.samples += 1
-
-    def _run(self) -> None:
-        deadline = time.monotonic() + self.max_seconds
-        while not self._stop.is_set() and time.monotonic() < deadline:
-            try:
-                self.sample_once()
-            except Exception as exc:  # never let a parsing surprise end the sampling silently
-                self.last_error = f"{type(exc).__name__}: {exc}"
-            self._stop.wait(self.interval)
+        except Exception as exc:  # report a parsing surprise instead of ending the sampling silently
+            error = f"{type(exc).__name__}: {exc}"
+        if conn.poll(interval):
+            message = conn.recv()
+            if message == "window":
+                conn.send({"peaks": asdict(window), "error": error})
+                window = Peaks()
+            elif message == "stop":
+                conn.send({"peaks": asdict(overall), "error": error})
+                return

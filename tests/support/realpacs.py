@@ -921,6 +921,7 @@ class DcmqrscpServer(_ManagedServer):
 
         ae = AE(ae_title=calling_aet)
         ae.maximum_pdu_size = self.max_pdu
+        ae.dimse_timeout = 5  # a stalled store is resumed on a new association, not waited out
         contexts: dict[str, set[str]] = {}
         for ds in datasets:
             contexts.setdefault(ds.SOPClassUID, set()).add(ds.file_meta.TransferSyntaxUID)
