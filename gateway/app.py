@@ -89,6 +89,8 @@ async def health(request: Request) -> Response:
 
 
 async def openapi(request: Request) -> Response:
+    if not OPENAPI_PATH.is_file():  # an install without the source tree's openapi/ folder
+        raise not_found("the OpenAPI document is not installed with this copy of the gateway")
     return Response(OPENAPI_PATH.read_bytes(), media_type="application/json")
 
 

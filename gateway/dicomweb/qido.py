@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import re
 from contextlib import aclosing
 from typing import AsyncIterator
 
@@ -172,7 +173,8 @@ async def run_plan(
                     if _belongs(child, parent):
                         yield _merge(child, parent)
             return
-        parents = [_merge(p, parent) for p in await _collect(node, identifier, max_parents, counters)]
+        found = await _collect(node, identifier, max_parents, counters)
+        parents = [_merge(p, parent) for p in found if _belongs(p, parent)]
         # Parents pre-filtered on their own level's keys cut the fan-out short.
         parents = [p for p in parents if post_filter(p, _filters_for_level(plan, index)).keep]
         if index + 1 == len(plan.steps) - 1 and concurrency > 1:
@@ -266,7 +268,9 @@ class SearchContext:
         self.warning_quoted = warning_quoted
 
     def warning(self, text: str) -> str:
-        safe = text.encode("ascii", "backslashreplace").decode("ascii").replace('"', "'")
+        # header-safe: ASCII without control characters (parameter names come from the client)
+        safe = re.sub(r"[\x00-\x1f\x7f]", "?", text.encode("ascii", "backslashreplace").decode("ascii"))
+        safe = safe.replace('"', "'")
         return f'299 {self.service_url}: "{safe}"' if self.warning_quoted else f"299 {self.service_url}: {safe}"
 
 
@@ -373,6 +377,9 @@ async def _respond(ctx: SearchContext, plan: Plan, query: QidoQuery, media_type:
         except DimseError as exc:
             log.warning("search failed after the response started (%s: %s); connection aborted",
                         type(exc).__name__, exc.message)
+            raise StreamAborted(str(exc)) from None
+        except HttpProblem as exc:  # e.g. a fan-out found too broad below the first level
+            log.warning("search failed after the response started (%s); connection aborted", exc)
             raise StreamAborted(str(exc)) from None
         finally:
             await stream.aclose()

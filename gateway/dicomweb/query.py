@@ -32,6 +32,8 @@ RESERVED = frozenset({"includefield", "fuzzymatching", "limit", "offset", "empty
 MAX_PARAMETERS = 200
 INT_RANGES = {"IS": (-(2**31), 2**31 - 1), "SS": (-(2**15), 2**15 - 1), "US": (0, 2**16 - 1),
               "SL": (-(2**31), 2**31 - 1), "UL": (0, 2**32 - 1), "SV": (-(2**63), 2**63 - 1), "UV": (0, 2**64 - 1)}
+# Attributes of the C-FIND request that the gateway sets itself; a client cannot match on them.
+CONTROL_TAGS = frozenset(Tag(t) for t in (0x00080005, 0x00080052, 0x00080054))
 _BAD_ESCAPE_RE = re.compile(r"%(?![0-9A-Fa-f]{2})")
 
 _UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
@@ -433,6 +435,9 @@ def parse_query(raw: str) -> QidoQuery:
                 path, vr = parse_attribute(name, creators)
             except LookupError as exc:
                 raise QueryError(name, f"{exc.args[0]!r} is not an attribute keyword or tag") from None
+            if path[0] in CONTROL_TAGS:
+                ignored.append(name)  # the gateway sets these itself
+                continue
             if path in matches:
                 raise QueryError(name, "the same attribute is given twice")
             if vr == "UI":

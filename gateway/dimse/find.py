@@ -102,6 +102,9 @@ class _FindJob:
         timeout = self.pool.peer.dimse_timeout
         last = time.monotonic()
         try:
+            if not any(cx.abstract_syntax == self.model for cx in assoc.accepted_contexts):
+                self._deliver(_Failed(ServiceNotSupported(self.pool.name, "the PACS did not accept this C-FIND model")))
+                return
             for status, identifier in assoc.send_c_find(self.identifier, self.model, msg_id=self.msg_id):
                 if "Status" not in status:
                     self.pooled.broken = True
@@ -122,8 +125,6 @@ class _FindJob:
                     self._deliver(_Failed(DimseStatusError(
                         self.pool.name, f"the PACS answered C-FIND with status 0x{code:04X}", status=code)))
                 return
-        except ValueError as exc:  # pynetdicom: no accepted context for the model
-            self._deliver(_Failed(ServiceNotSupported(self.pool.name, str(exc))))
         except Exception as exc:  # a bug or an unexpected pynetdicom state: never leave the consumer waiting
             self.pooled.broken = True
             log.exception("C-FIND worker failed")

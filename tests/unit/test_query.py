@@ -150,7 +150,7 @@ class TestWildcards:
             "StudyID=1?",
             "StudyDescription=*brain*",
             "ReferringPhysicianName=Doe*",
-            "00080054=AE*",
+            "PerformedStationAETitle=AE*",
         ],
     )
     def test_wildcards_allowed_in_wildcard_vrs(self, raw):
@@ -644,7 +644,7 @@ class TestLengths:
             ("AccessionNumber", 16),
             ("StudyID", 16),
             ("Modality", 16),
-            ("00080054", 16),
+            ("PerformedStationAETitle", 16),
         ],
     )
     def test_length_limits(self, keyword, limit):
@@ -744,3 +744,10 @@ class TestKeywords:
         assert len(query.includefields) == 2
         assert (query.limit, query.offset, query.fuzzy) == (25, 50, True)
         assert query.ignored == ("bogus",)
+
+
+@pytest.mark.parametrize("raw", ["QueryRetrieveLevel=IMAGE", "SpecificCharacterSet=ISO_IR%20100", "00080054=X"])
+def test_attributes_the_gateway_sets_itself_are_ignored(raw):
+    q = parse_query(raw + "&PatientID=1")
+    assert [m.param for m in q.matches] == ["PatientID"]
+    assert q.ignored == (raw.split("=")[0],)

@@ -1,0 +1,503 @@
+"""openapi/openapi.json, openapi/conformance.md and README.md agree with the code (no sockets).
+
+The app is built but its lifespan never runs, so no node pool is opened. Texts the code emits
+(Warning texts, error codes) are read from the source with ``ast``, so a new one that is not
+documented fails here.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydicom.datadict import tag_for_keyword
+from starlette.routing import BaseRoute, Mount, Route
+
+import gateway
+from gateway import app as app_module
+from gateway import config as config_module
+from gateway.app import create_app
+from gateway.config import (
+    NodeSettings,
+    QidoSettings,
+    Timeouts,
+    load_settings,
+    settings_schema,
+)
+from gateway.dicomweb import attributes
+from gateway.dicomweb.qido import SearchContext
+from gateway.dicomweb.query import RESERVED
+from gateway.dimse.net import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+from gateway.problems import HttpProblem, internal_error_response, problem_response
+
+ROOT = Path(__file__).resolve().parents[2]
+PACKAGE = ROOT / "gateway"
+OPENAPI = ROOT / "openapi" / "openapi.json"
+CONFORMANCE = ROOT / "openapi" / "conformance.md"
+README = ROOT / "README.md"
+
+HTTP_METHODS = ("get", "put", "post", "delete", "options", "head", "patch", "trace")
+NODE: dict[str, Any] = {"name": "pacs", "ae_title": "MAIN-PACS", "host": "10.1.2.3", "port": 104}
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No DWG_* variable of the machine running the tests may leak into the settings."""
+    for name in list(os.environ):
+        if name.startswith("DWG_"):
+            monkeypatch.delenv(name)
+
+
+@pytest.fixture
+def app_routes() -> set[tuple[str, str]]:
+    app = create_app(load_settings(data={"nodes": [NODE]}))  # the lifespan (node pools) never runs
+    return set(_walk(app.routes, ""))
+
+
+@pytest.fixture(scope="module")
+def doc() -> dict[str, Any]:
+    return json.loads(OPENAPI.read_text(encoding="utf-8"))
+
+
+@pytest.fixture(scope="module")
+def conformance() -> str:
+    return CONFORMANCE.read_text(encoding="utf-8")
+
+
+# ------------------------------------------------------------------------------------------------
+# Helpers
+
+
+def normalize(path: str) -> str:
+    """``/studies/{study}`` and ``/studies/{StudyInstanceUID}`` (or ``{study:str}``) compare equal."""
+    return re.sub(r"\{[^}/]+\}", "{}", path)
+
+
+def _walk(routes: list[BaseRoute], prefix: str) -> Iterator[tuple[str, str]]:
+    """(normalized path, METHOD) for every route, Mount children included. HEAD is implied by GET
+    (Starlette adds it to every GET route) and is not listed separately."""
+    for route in routes:
+        if isinstance(route, Mount):
+            yield from _walk(list(route.routes), prefix + route.path)
+        elif isinstance(route, Route):
+            methods = set(route.methods or ())
+            if "GET" in methods:
+                methods.discard("HEAD")
+            for method in methods:
+                yield normalize(prefix + route.path), method
+        else:  # a WebSocketRoute or Host would need documenting in its own way
+            pytest.fail(f"unexpected route type {type(route).__name__}")
+
+
+def _operations(doc: dict[str, Any]) -> Iterator[tuple[str, str, dict[str, Any], dict[str, Any]]]:
+    for path, item in doc["paths"].items():
+        for method in HTTP_METHODS:
+            if method in item:
+                yield path, method, item, item[method]
+
+
+def _resolve(doc: dict[str, Any], node: Any) -> Any:
+    """Follow a local ``$ref`` chain to the object it names."""
+    seen = 0
+    while isinstance(node, dict) and "$ref" in node:
+        ref = node["$ref"]
+        assert ref.startswith("#/"), f"only local references are used: {ref}"
+        node = doc
+        for part in ref[2:].split("/"):
+            part = part.replace("~1", "/").replace("~0", "~")
+            assert isinstance(node, dict) and part in node, f"unresolved $ref {ref}"
+            node = node[part]
+        seen += 1
+        assert seen < 20, f"$ref cycle at {ref}"
+    return node
+
+
+def _refs(node: Any, where: str = "#") -> Iterator[tuple[str, str]]:
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "$ref" and isinstance(value, str):
+                yield where, value
+            else:
+                yield from _refs(value, f"{where}/{key}")
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            yield from _refs(value, f"{where}/{i}")
+
+
+def _search_operations(doc: dict[str, Any]) -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
+    return [(p, item, op) for p, m, item, op in _operations(doc) if "/dicom-web/" in p and m == "get"]
+
+
+def _parameters(doc: dict[str, Any], item: dict[str, Any], op: dict[str, Any]) -> list[dict[str, Any]]:
+    return [_resolve(doc, p) for p in [*item.get("parameters", []), *op.get("parameters", [])]]
+
+
+def squash(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _markdown_rows(text: str) -> Iterator[list[str]]:
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("|") and line.endswith("|") and not re.fullmatch(r"\|[\s|:-]+\|", line):
+            yield [cell.strip() for cell in line[1:-1].split("|")]
+
+
+def _section(text: str, heading_start: str) -> str:
+    start = text.index(heading_start)
+    end = text.find("\n#", start + len(heading_start))
+    return text[start:] if end < 0 else text[start:end]
+
+
+def _keywords(cell: str) -> set[str]:
+    return {w for w in re.findall(r"\b[A-Z][A-Za-z]+\b", cell) if tag_for_keyword(w) is not None}
+
+
+def _tree(relative: str) -> ast.Module:
+    return ast.parse((PACKAGE / relative).read_text(encoding="utf-8"))
+
+
+# ------------------------------------------------------------------------------------------------
+# Routes: app <-> openapi.json <-> conformance.md
+
+
+def test_every_app_route_is_in_openapi_and_back(app_routes: set[tuple[str, str]], doc: dict[str, Any]) -> None:
+    documented = {(normalize(p), m.upper()) for p, m, _item, _op in _operations(doc)}
+    assert app_routes, "no routes found in the app"
+    assert sorted(app_routes - documented) == [], "routes missing from openapi.json"
+    assert sorted(documented - app_routes) == [], "openapi.json documents routes the app does not have"
+
+
+def test_the_app_has_the_routes_this_document_describes(app_routes: set[tuple[str, str]]) -> None:
+    # guards the normalization above: both mounts with all six QIDO resources, plus the two others
+    for mount in ("/dicom-web", "/nodes/{}/dicom-web"):
+        for rel in ("/studies", "/series", "/instances", "/studies/{}/series", "/studies/{}/instances",
+                    "/studies/{}/series/{}/instances"):
+            assert (mount + rel, "GET") in app_routes
+    assert ("/health", "GET") in app_routes and ("/openapi.json", "GET") in app_routes
+    assert len(app_routes) == 14
+
+
+def test_conformance_resource_tables_match_the_app(app_routes: set[tuple[str, str]], conformance: str) -> None:
+    listed: set[tuple[str, str]] = set()
+    for cells in _markdown_rows(conformance):
+        if cells and cells[0] in {m.upper() for m in HTTP_METHODS}:
+            for cell in cells[1:]:
+                for path in re.findall(r"`(/[^`\s]*)`", cell):
+                    listed.add((normalize(path), cells[0]))
+    assert listed, "conformance.md has no resource table (rows starting with an HTTP method)"
+    assert sorted(listed - app_routes) == [], "conformance.md lists routes the app does not have"
+    assert sorted(app_routes - listed) == [], "app routes missing from conformance.md's resource tables"
+
+
+def test_path_templates_declare_their_parameters(doc: dict[str, Any]) -> None:
+    for path, _method, item, op in _operations(doc):
+        names = set(re.findall(r"\{([^}/]+)\}", path))
+        declared = {p["name"]: p for p in _parameters(doc, item, op) if p["in"] == "path"}
+        assert set(declared) == names, path
+        assert all(p.get("required") is True for p in declared.values()), path
+
+
+def test_path_parameter_patterns_are_the_codes(doc: dict[str, Any]) -> None:
+    params = doc["components"]["parameters"]
+    assert params["node"]["schema"]["pattern"] == config_module._NODE_NAME_RE.pattern
+    assert params["node"]["schema"]["maxLength"] == 64
+    for name in ("study", "series"):
+        assert params[name]["schema"]["pattern"] == app_module._UID_RE.pattern
+        assert params[name]["schema"]["maxLength"] == 64
+        assert re.fullmatch(params[name]["schema"]["pattern"], "1.2.840.10008.1.2.1")
+
+
+def test_every_query_parameter_the_code_accepts_is_documented(doc: dict[str, Any]) -> None:
+    searches = _search_operations(doc)
+    assert len(searches) == 12
+    for path, item, op in searches:
+        query = [p for p in _parameters(doc, item, op) if p["in"] == "query"]
+        named = {p["name"] for p in query if p["schema"].get("type") != "object"}
+        assert named == set(RESERVED), path
+        free_form = [p for p in query if p["schema"].get("type") == "object"]
+        assert len(free_form) == 1, f"{path}: one free-form attribute parameter"
+        attrs = free_form[0]
+        assert attrs.get("style") == "form" and attrs.get("explode") is True, path
+        assert attrs["schema"].get("patternProperties"), path
+        for keyword in attrs["schema"].get("properties", {}):
+            for part in keyword.split("."):
+                assert tag_for_keyword(part) is not None, f"{path}: {keyword} is not a DICOM keyword"
+
+
+def test_search_responses(doc: dict[str, Any]) -> None:
+    for path, _item, op in _search_operations(doc):
+        responses = op["responses"]
+        for status in ("200", "204", "400", "403", "406", "500", "502", "503", "504"):
+            assert status in responses, f"{path}: {status}"
+        if path.startswith("/nodes/"):
+            assert "404" in responses, path
+        ok = _resolve(doc, responses["200"])
+        assert set(ok["content"]) == {"application/dicom+json", "application/json"}, path
+        assert _resolve(doc, ok["content"]["application/dicom+json"]["schema"])["type"] == "array"
+        for status in ("200", "204"):
+            assert "Warning" in _resolve(doc, responses[status])["headers"], f"{path}: Warning on {status}"
+        assert "Retry-After" in _resolve(doc, responses["503"])["headers"], path
+        for status, response in responses.items():
+            response = _resolve(doc, response)
+            assert "X-Request-ID" in response.get("headers", {}), f"{path}: X-Request-ID on {status}"
+            if status.startswith(("4", "5")):
+                schema = response["content"]["application/json"]["schema"]
+                assert schema == {"$ref": "#/components/schemas/Error"}, f"{path}: {status}"
+
+
+# ------------------------------------------------------------------------------------------------
+# The OpenAPI document's own structure (a minimal check: no validator is a dependency)
+
+
+def test_openapi_structure(doc: dict[str, Any]) -> None:
+    assert re.fullmatch(r"3\.1\.\d+", doc["openapi"]), doc["openapi"]
+    assert doc["info"]["title"] and doc["info"]["version"] == gateway.__version__
+    assert doc["paths"]
+    operation_ids = []
+    for path, method, _item, op in _operations(doc):
+        assert path.startswith("/"), path
+        assert op.get("responses"), f"{method.upper()} {path} has no responses"
+        for status, response in op["responses"].items():
+            assert re.fullmatch(r"[1-5]\d\d|[1-5]XX|default", status), f"{path}: {status}"
+            assert _resolve(doc, response).get("description"), f"{path}: {status} needs a description"
+        operation_ids.append(op.get("operationId"))
+    assert None not in operation_ids
+    assert len(operation_ids) == len(set(operation_ids)), "operationIds must be unique"
+    for _path, _method, item, op in _operations(doc):
+        seen = set()
+        for p in _parameters(doc, item, op):
+            assert p["in"] in ("query", "header", "path", "cookie") and p["name"], p
+            assert "schema" in p or "content" in p, p["name"]
+            assert (p["in"], p["name"]) not in seen, f"duplicate parameter {p['name']}"
+            seen.add((p["in"], p["name"]))
+
+
+def test_every_ref_resolves(doc: dict[str, Any]) -> None:
+    refs = list(_refs(doc))
+    assert refs
+    for where, ref in refs:
+        assert ref.startswith("#/"), f"{where}: non-local $ref {ref}"
+        _resolve(doc, {"$ref": ref})
+
+
+def test_error_schema_is_the_body_the_code_writes(doc: dict[str, Any]) -> None:
+    schema = doc["components"]["schemas"]["Error"]
+    bodies = [
+        json.loads(bytes(problem_response(HttpProblem(400, "bad-request", "m", "limit"), "rid").body)),
+        json.loads(bytes(problem_response(HttpProblem(503, "pacs-busy", "m"), "rid").body)),
+        json.loads(bytes(internal_error_response("rid").body)),
+    ]
+    for body in bodies:
+        assert set(schema["required"]) <= set(body) <= set(schema["properties"]), body
+        assert body["error"] in schema["properties"]["error"]["enum"]
+
+
+# ------------------------------------------------------------------------------------------------
+# Texts the code emits
+
+
+def _constants(tree: ast.Module) -> dict[str, str]:
+    out = {}
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str):
+            for target in node.targets:
+                if isinstance(target, ast.Name):
+                    out[target.id] = node.value.value
+    return out
+
+
+def _phrases(node: ast.AST, constants: dict[str, str]) -> list[str]:
+    """The literal parts of a string expression (f-string pieces, concatenations, constants)."""
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        return [node.value]
+    if isinstance(node, ast.Name) and node.id in constants:
+        return [constants[node.id]]
+    if isinstance(node, ast.JoinedStr):
+        return [v.value for v in node.values if isinstance(v, ast.Constant) and isinstance(v.value, str)]
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add):
+        return _phrases(node.left, constants) + _phrases(node.right, constants)
+    return []
+
+
+def warning_texts() -> list[str]:
+    """Every Warning text (literal parts) appended in plan.py and qido.py."""
+    found: list[str] = []
+    for relative in ("dicomweb/plan.py", "dicomweb/qido.py"):
+        tree = _tree(relative)
+        constants = _constants(tree)
+        for func in ast.walk(tree):
+            if not isinstance(func, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            collecting_all = func.name == "_result_warnings"
+            for node in ast.walk(func):
+                if (
+                    isinstance(node, ast.Call)
+                    and isinstance(node.func, ast.Attribute)
+                    and node.func.attr == "append"
+                    and isinstance(node.func.value, ast.Name)
+                    and (node.func.value.id == "warnings" or collecting_all)
+                ):
+                    for arg in node.args:
+                        found += _phrases(arg, constants)
+    return sorted({p.strip() for p in found if len(p.strip()) >= 12})
+
+
+def test_warning_texts_are_found_in_the_code() -> None:
+    texts = warning_texts()
+    assert len(texts) >= 9, texts  # if this drops, the extraction above needs to follow the code
+    joined = " ".join(texts)
+    for phrase in ("fuzzymatching parameter is not supported", "additional results", "emptyvaluematching",
+                   "multiplevaluematching", "did not return these attributes", "FF01"):
+        assert phrase in joined, phrase
+
+
+@pytest.mark.parametrize("text", warning_texts())
+def test_every_warning_text_is_in_the_conformance_statement(text: str, conformance: str) -> None:
+    assert squash(text) in squash(conformance)
+
+
+def test_warning_header_form_is_the_documented_one(conformance: str, doc: dict[str, Any]) -> None:
+    def ctx(quoted: bool) -> SearchContext:
+        return SearchContext(
+            None, "https://gw.example.org/dicom-web", "https://gw.example.org/dicom-web",  # type: ignore[arg-type]
+            max_results=10, empty_status=200, fanout_concurrency=1, fanout_max_parents=10,
+            strict_accept=False, warning_quoted=quoted,
+        )
+
+    assert ctx(False).warning("Some text.") == "299 https://gw.example.org/dicom-web: Some text."
+    assert ctx(True).warning('Some "text".') == "299 https://gw.example.org/dicom-web: \"Some 'text'.\""
+    assert "`Warning: 299 <service-url>: <text>`" in conformance
+    assert '`299 <service-url>: "<text>"`' in conformance
+    for example in doc["components"]["headers"]["Warning"]["examples"].values():
+        assert re.fullmatch(r"299 https?://\S+: \S.*", example["value"]), example
+
+
+def error_codes() -> set[str]:
+    """Every ``error`` value the code can put in a JSON error body."""
+    codes: set[str] = set()
+    for relative in ("problems.py", "app.py", "middleware.py", "dicomweb/qido.py"):
+        tree = _tree(relative)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "HttpProblem":
+                args = [*node.args[1:2], *(k.value for k in node.keywords if k.arg == "error")]
+                codes |= {a.value for a in args if isinstance(a, ast.Constant) and isinstance(a.value, str)}
+            if isinstance(node, ast.Dict):
+                for key, value in zip(node.keys, node.values):
+                    if isinstance(key, ast.Constant) and key.value == "error" and isinstance(value, ast.Constant):
+                        codes.add(str(value.value))
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name == "_http_exception":
+                codes |= {
+                    c.value for c in ast.walk(node)
+                    if isinstance(c, ast.Constant) and isinstance(c.value, str) and re.fullmatch(r"[a-z]+(-[a-z]+)+", c.value)
+                }
+    return codes
+
+
+def test_every_error_code_is_documented(doc: dict[str, Any], conformance: str) -> None:
+    codes = error_codes()
+    assert {"bad-request", "pacs-busy", "internal-error", "http-error", "too-broad"} <= codes, codes
+    assert sorted(codes - set(doc["components"]["schemas"]["Error"]["properties"]["error"]["enum"])) == []
+    for code in codes:
+        assert f"`{code}`" in conformance, code
+
+
+def test_every_status_the_code_sets_is_a_search_response(doc: dict[str, Any]) -> None:
+    statuses: set[int] = set()
+    retry_after: set[int] = set()
+    for relative in ("problems.py", "dicomweb/qido.py"):
+        for node in ast.walk(_tree(relative)):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "HttpProblem":
+                first = node.args[0] if node.args else None
+                if isinstance(first, ast.Constant) and isinstance(first.value, int):
+                    statuses.add(first.value)
+                    for k in node.keywords:
+                        if k.arg == "headers" and isinstance(k.value, ast.Dict) and any(
+                            isinstance(x, ast.Constant) and x.value == "Retry-After" for x in k.value.keys
+                        ):
+                            retry_after.add(first.value)
+    assert {400, 502, 503, 504} <= statuses and retry_after == {503}
+    documented: set[str] = set()
+    for _path, _item, op in _search_operations(doc):
+        documented |= set(op["responses"])
+    assert sorted(str(s) for s in statuses if str(s) not in documented) == []
+
+
+# ------------------------------------------------------------------------------------------------
+# Facts in the conformance statement
+
+
+def test_implementation_identity(conformance: str) -> None:
+    assert f"`{IMPLEMENTATION_CLASS_UID}`" in conformance
+    assert f"`{IMPLEMENTATION_VERSION_NAME}`" in conformance
+    assert f"| Version | {gateway.__version__} |" in conformance
+
+
+def test_defaults_stated_in_the_conformance_statement(conformance: str) -> None:
+    node = NodeSettings(name="n", ae_title="A", host="h", port=104)
+    t, q = Timeouts(), QidoSettings()
+    text = squash(conformance)
+    for phrase in (
+        f"`nodes.timeouts.connect` | {t.connect:g} s",
+        f"`nodes.timeouts.acse` | {t.acse:g} s",
+        f"`nodes.timeouts.dimse` | {t.dimse:g} s",
+        f"`nodes.timeouts.network` | {t.network:g} s",
+        f"`nodes.acquire_timeout` | {node.acquire_timeout:g} s",
+        f"`nodes.max_associations` (1-256, default {node.max_associations})",
+        f"`nodes.idle_timeout` (default {node.idle_timeout:g} s",
+        f"`nodes.max_pdu` (default {node.max_pdu}",
+        f"`nodes.retries` times (0-5, default {node.retries})",
+        f"`qido.max_results`, default {q.max_results}",
+        f"`qido.fanout_max_parents` (default {q.fanout_max_parents})",
+        f"`qido.fanout_concurrency` (default {q.fanout_concurrency})",
+    ):
+        assert phrase in text, phrase
+    assert q.empty_status == 200 and "`qido.empty_status = 204`" in text
+
+
+def _row(section: str, first_cell: str) -> list[str]:
+    rows = [cells for cells in _markdown_rows(section) if cells[0] == first_cell]
+    assert len(rows) == 1, f"one row {first_cell!r} expected"
+    return rows[0]
+
+
+def test_level_table_is_the_codes(conformance: str) -> None:
+    section = _section(conformance, "### 3.3")
+    kw = attributes.keyword_of
+    for label, tags in (("Patient", attributes.PATIENT_KEYS), ("Study", attributes.STUDY_KEYS),
+                        ("Series", attributes.SERIES_KEYS), ("any level", attributes.ANY_LEVEL_KEYS)):
+        assert _keywords(_row(section, label)[1]) == {kw(t) for t in tags}, label
+
+
+def test_default_and_includefield_all_attributes_are_the_codes(conformance: str) -> None:
+    section = _section(conformance, "### 3.8")
+    kw = attributes.keyword_of
+    Level = attributes.Level
+    for label, level in (("Study", Level.STUDY), ("Series", Level.SERIES), ("Instance", Level.IMAGE)):
+        cells = _row(section, label)
+        defaults = {kw(t) for t in attributes.DEFAULTS[level]} | {"RetrieveURL"}
+        for tag in attributes.DEFAULTS[level]:
+            defaults |= {kw(t) for t in attributes.SEQUENCE_DEFAULT_ITEMS.get(tag, ())}
+        assert _keywords(cells[1]) == defaults, label
+        assert _keywords(cells[2]) == {kw(t) for t in attributes.ALL_EXTRA[level]}, label
+
+
+# ------------------------------------------------------------------------------------------------
+# README
+
+
+def test_every_setting_is_in_the_readme() -> None:
+    readme = README.read_text(encoding="utf-8")
+    missing = [
+        f"{section}.{key}"
+        for section, keys in settings_schema().items()
+        for key in keys
+        if f"`{section}.{key}`" not in readme
+    ]
+    assert missing == [], f"settings missing from README.md's table: {missing}"
