@@ -70,7 +70,6 @@ class Timeouts:
     connect: float = 5.0
     acse: float = 10.0
     dimse: float = 30.0
-    network: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -320,7 +319,7 @@ def validate(s: Settings) -> None:
             raise ConfigError(f"{w}.retries", f"must be between 0 and 5 (got {n.retries})")
         for key in ("acquire_timeout", "idle_timeout"):
             _check_positive(f"{w}.{key}", getattr(n, key))
-        for key in ("connect", "acse", "dimse", "network"):
+        for key in ("connect", "acse", "dimse"):
             _check_positive(f"{w}.timeouts.{key}", getattr(n.timeouts, key))
         if n.tls.enabled:
             for key in ("ca_file", "cert_file", "key_file"):

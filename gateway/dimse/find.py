@@ -11,25 +11,20 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from dataclasses import dataclass
 from typing import AsyncIterator
 
 import anyio
 from anyio.streams.memory import MemoryObjectSendStream
 from pydicom.dataset import Dataset
-from pynetdicom.sop_class import (
-    PatientRootQueryRetrieveInformationModelFind,
-    StudyRootQueryRetrieveInformationModelFind,
-)
 
-from .errors import RETRYABLE, ConnectionLost, DimseError, DimseStatusError, DimseTimeout, ServiceNotSupported
-from .pool import AssociationPool, PooledAssociation
+from .errors import RETRYABLE, ConnectionLost, DimseError, DimseStatusError
+from .pool import PATIENT_ROOT_FIND, STUDY_ROOT_FIND, AssociationPool, PooledAssociation
 
 log = logging.getLogger("gateway.dimse")
 
-STUDY_ROOT = StudyRootQueryRetrieveInformationModelFind
-PATIENT_ROOT = PatientRootQueryRetrieveInformationModelFind
+STUDY_ROOT = STUDY_ROOT_FIND
+PATIENT_ROOT = PATIENT_ROOT_FIND
 
 PENDING = (0xFF00, 0xFF01)
 CANCELLED = 0xFE00
@@ -77,15 +72,16 @@ class _FindJob:
 
     def cancel(self) -> None:
         """Ask the PACS to stop. Safe from any thread; sends at most one C-CANCEL, and none once the
-        final response has arrived. Non-blocking: pynetdicom only queues the message."""
+        final response has arrived. It writes one small PDU to a socket that is not blocked by
+        the worker's read, so it returns at once."""
         with self._lock:
             self._cancel_wanted = True
             if self._cancel_sent or self.finished or not self.pooled.alive:
                 return
             self._cancel_sent = True
         try:
-            self.pooled.assoc.send_c_cancel(self.msg_id, query_model=self.model)
-        except Exception:  # the association went away in between; the worker sees that too
+            self.pooled.assoc.cancel(self.model, self.msg_id)
+        except DimseError:  # the association went away in between; the worker sees that too
             log.debug("C-CANCEL not sent", exc_info=True)
 
     def _deliver(self, item: Match | _Final | _Failed) -> None:
@@ -98,46 +94,31 @@ class _FindJob:
 
     def run(self) -> None:
         """Iterate the responses (blocking). Never raises: failures are delivered as items."""
-        assoc = self.pooled.assoc
-        timeout = self.pool.peer.dimse_timeout
-        last = time.monotonic()
         try:
-            if not any(cx.abstract_syntax == self.model for cx in assoc.accepted_contexts):
-                self._deliver(_Failed(ServiceNotSupported(self.pool.name, "the PACS did not accept this C-FIND model")))
-                return
-            for status, identifier in assoc.send_c_find(self.identifier, self.model, msg_id=self.msg_id):
-                if "Status" not in status:
-                    self.pooled.broken = True
-                    self._deliver(_Failed(self._classify_silence(time.monotonic() - last, timeout)))
-                    return
-                last = time.monotonic()
-                code = int(status.Status)
-                if code in PENDING:
+            for status, identifier in self.pooled.assoc.find(self.identifier, self.model, self.msg_id):
+                if status in PENDING:
                     self.matches += 1
                     if identifier is not None:
-                        self._deliver(Match(identifier, code))
+                        self._deliver(Match(identifier, status))
                     continue
                 with self._lock:
                     self.finished = True
-                if code in (0x0000, CANCELLED) or 0xB000 <= code <= 0xBFFF:
-                    self._deliver(_Final(code))
+                if status in (0x0000, CANCELLED) or 0xB000 <= status <= 0xBFFF:
+                    self._deliver(_Final(status))
                 else:
                     self._deliver(_Failed(DimseStatusError(
-                        self.pool.name, f"the PACS answered C-FIND with status 0x{code:04X}", status=code)))
+                        self.pool.name, f"the PACS answered C-FIND with status 0x{status:04X}", status=status)))
                 return
-        except Exception as exc:  # a bug or an unexpected pynetdicom state: never leave the consumer waiting
-            self.pooled.broken = True
+        except DimseError as exc:
+            self._deliver(_Failed(exc))
+        except Exception as exc:  # a bug: never leave the consumer waiting, and never reuse the association
+            self.pooled.assoc.abort()
             log.exception("C-FIND worker failed")
             self._deliver(_Failed(DimseError(self.pool.name, f"internal error during C-FIND: {type(exc).__name__}")))
         finally:
             with self._lock:
                 self.finished = True
             self.send.close()
-
-    def _classify_silence(self, waited: float, timeout: float) -> DimseError:
-        if waited >= timeout * 0.95:
-            return DimseTimeout(self.pool.name, f"no C-FIND response within {timeout:g} s", phase="dimse")
-        return ConnectionLost(self.pool.name, "the PACS closed the association during C-FIND")
 
 
 async def _run_job(pool: AssociationPool, pooled: PooledAssociation, job: _FindJob) -> None:
@@ -158,11 +139,7 @@ class FindService:
     async def echo(self) -> int:
         async def attempt() -> int:
             async with self.pool.query_association() as pooled:
-                status = await self.pool.run_sync(pooled.assoc.send_c_echo)
-                if "Status" not in status:
-                    pooled.broken = True
-                    raise ConnectionLost(self.pool.name, "no C-ECHO response")
-                return int(status.Status)
+                return await self.pool.run_sync(pooled.assoc.echo, pooled.message_id())
 
         for delay in (*_BACKOFF[: self.retries], None):
             try:

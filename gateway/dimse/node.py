@@ -25,7 +25,7 @@ def tls_context(node: NodeSettings) -> tuple[ssl.SSLContext, str] | None:
     return context, node.tls.server_name or node.host
 
 
-def peer_for(node: NodeSettings) -> Peer:
+def peer_for(node: NodeSettings, calling_ae: str) -> Peer:
     t = node.timeouts
     return Peer(
         name=node.name,
@@ -36,7 +36,7 @@ def peer_for(node: NodeSettings) -> Peer:
         connect_timeout=t.connect,
         acse_timeout=t.acse,
         dimse_timeout=t.dimse,
-        network_timeout=max(t.network, node.idle_timeout + 5),
+        calling_ae=calling_ae,
         tls=tls_context(node),
     )
 
@@ -46,8 +46,7 @@ class NodeClient:
         self.settings = settings
         self.name = settings.name
         self.pool = AssociationPool(
-            peer_for(settings),
-            calling_ae=calling_ae,
+            peer_for(settings, calling_ae),
             max_associations=settings.max_associations,
             acquire_timeout=settings.acquire_timeout,
             idle_timeout=settings.idle_timeout,

@@ -17,30 +17,25 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any, AsyncIterator, TypeVar
 
 import anyio
 import anyio.abc
-from pynetdicom.association import Association
-from pynetdicom.pdu_primitives import SOPClassExtendedNegotiation
-from pynetdicom.presentation import PresentationContext, build_context
-from pynetdicom.sop_class import (
-    PatientRootQueryRetrieveInformationModelFind,
-    StudyRootQueryRetrieveInformationModelFind,
-    Verification,
-)
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from .errors import PoolExhausted
-from .net import GatewayAE, Peer, associate, make_ae
+from .net import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, Peer
+from .ul import VERIFICATION, Association, Proposal, open_association
 
 log = logging.getLogger("gateway.dimse")
 T = TypeVar("T")
 
-# Extended negotiation bytes for C-FIND (PS3.4 Table C.5-1): relational, combined date-time, fuzzy, timezone.
-_FIND_MODELS = (StudyRootQueryRetrieveInformationModelFind, PatientRootQueryRetrieveInformationModelFind)
+STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
+PATIENT_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.1.1"
+_QUERY_SYNTAXES = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 
 
 @dataclass(frozen=True)
@@ -60,7 +55,6 @@ class PooledAssociation:
     capabilities: Capabilities
     last_used: float = field(default_factory=time.monotonic)
     next_msg_id: int = 1
-    broken: bool = False
 
     def message_id(self) -> int:
         msg_id = self.next_msg_id
@@ -69,23 +63,28 @@ class PooledAssociation:
 
     @property
     def alive(self) -> bool:
-        return not self.broken and self.assoc.is_established and not self.assoc.is_aborted
+        return self.assoc.established
 
 
-def _query_contexts() -> list[PresentationContext]:
-    return [build_context(uid) for uid in (Verification, *_FIND_MODELS)]
+def connect(peer: Peer, proposal: Proposal) -> Association:
+    """Open an association to ``peer`` (blocking: call from a worker thread)."""
+    return open_association(
+        node=peer.name, host=peer.host, port=peer.port, calling_ae=peer.calling_ae, called_ae=peer.ae_title,
+        proposal=proposal, max_pdu=peer.max_pdu, connect_timeout=peer.connect_timeout,
+        acse_timeout=peer.acse_timeout, dimse_timeout=peer.dimse_timeout,
+        implementation_class_uid=IMPLEMENTATION_CLASS_UID, implementation_version_name=IMPLEMENTATION_VERSION_NAME,
+        tls=peer.tls,
+    )
 
 
 def _capabilities(assoc: Association) -> Capabilities:
-    accepted = {cx.abstract_syntax for cx in assoc.accepted_contexts}
-    ext = assoc.acceptor.sop_class_extended or {}
-    info = ext.get(StudyRootQueryRetrieveInformationModelFind, b"") or b""
+    info = assoc.negotiated.extended.get(STUDY_ROOT_FIND, b"")
     return Capabilities(
-        study_root_find=StudyRootQueryRetrieveInformationModelFind in accepted,
-        patient_root_find=PatientRootQueryRetrieveInformationModelFind in accepted,
+        study_root_find=assoc.context_for(STUDY_ROOT_FIND) is not None,
+        patient_root_find=assoc.context_for(PATIENT_ROOT_FIND) is not None,
         relational=len(info) > 0 and info[0] == 1,
         fuzzy=len(info) > 2 and info[2] == 1,
-        peer_max_pdu=int(assoc.acceptor.maximum_length or 0),
+        peer_max_pdu=assoc.negotiated.peer_max_pdu,
     )
 
 
@@ -94,7 +93,6 @@ class AssociationPool:
         self,
         peer: Peer,
         *,
-        calling_ae: str,
         max_associations: int,
         acquire_timeout: float,
         idle_timeout: float,
@@ -111,7 +109,6 @@ class AssociationPool:
         self._want_relational = relational != "off"
         self._want_fuzzy = fuzzy
         self._tg = task_group
-        self._ae: GatewayAE = make_ae(calling_ae, peer)
         self._slots = anyio.Semaphore(max_associations)
         self._idle: list[PooledAssociation] = []
         # Threads: one per busy association plus one per association being opened or closed.
@@ -132,21 +129,16 @@ class AssociationPool:
 
     # -- acquiring --------------------------------------------------------------------------------
 
-    def _ext_neg(self) -> list[SOPClassExtendedNegotiation]:
-        if not (self._want_relational or self._want_fuzzy):
-            return []
-        item = SOPClassExtendedNegotiation()
-        item.sop_class_uid = StudyRootQueryRetrieveInformationModelFind
-        item.service_class_application_information = bytes(
-            [int(self._want_relational), 0, int(self._want_fuzzy), 0]
-        )
-        patient = SOPClassExtendedNegotiation()
-        patient.sop_class_uid = PatientRootQueryRetrieveInformationModelFind
-        patient.service_class_application_information = item.service_class_application_information
-        return [item, patient]
+    def _proposal(self) -> Proposal:
+        extended = {}
+        if self._want_relational or self._want_fuzzy:
+            info = bytes([int(self._want_relational), 0, int(self._want_fuzzy), 0])
+            extended = {STUDY_ROOT_FIND: info, PATIENT_ROOT_FIND: info}
+        contexts = [(uid, _QUERY_SYNTAXES) for uid in (VERIFICATION, STUDY_ROOT_FIND, PATIENT_ROOT_FIND)]
+        return Proposal(contexts=contexts, extended=extended)
 
     def _open(self) -> PooledAssociation:
-        assoc = associate(self._ae, self.peer, _query_contexts(), self._ext_neg())
+        assoc = connect(self.peer, self._proposal())
         caps = _capabilities(assoc)
         if self._relational_mode != "negotiate":
             # "assume": the PACS answers relational queries without negotiating them (Orthanc does)
@@ -158,14 +150,11 @@ class AssociationPool:
     async def query_association(self) -> AsyncIterator[PooledAssociation]:
         """Hold a query association for the duration of the block (blocking work goes to threads).
 
-        The association goes back to the idle list afterwards unless it was marked broken.
+        The association goes back to the idle list afterwards if it is still established.
         """
         pooled = await self.acquire()
         try:
             yield pooled
-        except BaseException:
-            pooled.broken = pooled.broken or not pooled.alive
-            raise
         finally:
             await self.release(pooled)
 
@@ -185,9 +174,10 @@ class AssociationPool:
         try:
             while self._idle:
                 pooled = self._idle.pop()
-                if pooled.alive and time.monotonic() - pooled.last_used < self.idle_timeout:
+                fresh = time.monotonic() - pooled.last_used < self.idle_timeout
+                if fresh and pooled.assoc.idle_and_healthy():
                     return pooled
-                self.spawn(self._close, pooled)
+                self.spawn(self._close, pooled)  # the PACS released, aborted or closed it while idle
             pooled = await self.run_sync(self._open)
             self.opened_total += 1
             return pooled
@@ -207,7 +197,7 @@ class AssociationPool:
 
     async def _close(self, pooled: PooledAssociation) -> None:
         with anyio.CancelScope(shield=True):
-            await self.run_sync(_release_or_abort, pooled.assoc)
+            await self.run_sync(pooled.assoc.release)
 
     # -- housekeeping -----------------------------------------------------------------------------
 
@@ -231,19 +221,3 @@ class AssociationPool:
         idle, self._idle = self._idle, []
         for pooled in idle:
             await self._close(pooled)
-
-
-def _release_or_abort(assoc: Association) -> None:
-    if assoc.is_established:
-        try:
-            assoc.release()
-            return
-        except Exception:  # a PACS that vanished mid-release: abort is all that is left
-            log.debug("release failed, aborting", exc_info=True)
-    if not assoc.is_aborted:
-        assoc.abort()
-
-
-def open_probe_association(peer: Peer, calling_ae: str, contexts: Sequence[PresentationContext], ext_neg: Sequence[Any]) -> Association:
-    """A one-off association outside any pool (``dicomweb-gateway echo``); blocking."""
-    return associate(make_ae(calling_ae, peer), peer, contexts, ext_neg)

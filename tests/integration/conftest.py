@@ -119,7 +119,7 @@ def gateway(
             node("orthanc-rel", "ORTHANC", orthanc.dicom_port, max_pdu=131072, relational="assume"),
             node("dcmqrscp", "DCMQRSCP", dcmqrscp.port, max_pdu=131072),
             node("chaos", "CHAOS-PACS", chaos_pacs.port, max_associations=2, acquire_timeout=1.0, retries=1,
-                 idle_timeout=1.0, timeouts={"connect": 2.0, "acse": 2.0, "dimse": 2.0, "network": 10.0}),
+                 idle_timeout=1.0, timeouts={"connect": 2.0, "acse": 2.0, "dimse": 2.0}),
             node("victim", "VICTIM", victim_port, retries=1, timeouts={"connect": 2.0, "dimse": 5.0}),
             node("down", "NOBODY", free_port(), retries=1, timeouts={"connect": 2.0}),
         ],

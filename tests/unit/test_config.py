@@ -59,7 +59,7 @@ class TestDefaults:
             2,
         )
         t = n.timeouts
-        assert (t.connect, t.acse, t.dimse, t.network) == (5.0, 10.0, 30.0, 60.0)
+        assert (t.connect, t.acse, t.dimse) == (5.0, 10.0, 30.0)
         assert isinstance(t.dimse, float)
         assert (n.tls.enabled, n.tls.ca_file, n.tls.cert_file, n.tls.key_file) == (False, "", "", "")
 
@@ -133,7 +133,6 @@ retries = 0
 connect = 1
 acse = 2.5
 dimse = 120
-network = 300
 
 [nodes.tls]
 enabled = true
@@ -178,12 +177,7 @@ class TestFile:
         assert (main.name, main.retrieve, main.max_associations, main.max_pdu) == ("main", "move", 8, 0)
         assert (main.acquire_timeout, main.idle_timeout) == (2.5, 15.0)
         assert (main.charset, main.relational, main.fuzzy, main.retries) == ("ISO_IR 100", "off", True, 0)
-        assert (main.timeouts.connect, main.timeouts.acse, main.timeouts.dimse, main.timeouts.network) == (
-            1.0,
-            2.5,
-            120.0,
-            300.0,
-        )
+        assert (main.timeouts.connect, main.timeouts.acse, main.timeouts.dimse) == (1.0, 2.5, 120.0)
         assert main.tls.enabled and main.tls.server_name == "pacs.example.org"
         assert main.tls.ca_file == (tmp_path / "ca.pem").as_posix()
         assert main.default is False
@@ -314,7 +308,6 @@ INVALID_NODE = [
     ({"timeouts": {"dimse": -1}}, "nodes[0].timeouts.dimse"),
     ({"timeouts": {"connect": 0}}, "nodes[0].timeouts.connect"),
     ({"timeouts": {"acse": -0.5}}, "nodes[0].timeouts.acse"),
-    ({"timeouts": {"network": -10}}, "nodes[0].timeouts.network"),
     ({"timeouts": {"dimse": True}}, "nodes[0].timeouts.dimse"),
     ({"timeouts": {"dimse": "30s"}}, "nodes[0].timeouts.dimse"),
     ({"timeouts": {"read": 5}}, "nodes[0].timeouts.read"),

@@ -447,7 +447,6 @@ def test_defaults_stated_in_the_conformance_statement(conformance: str) -> None:
         f"`nodes.timeouts.connect` | {t.connect:g} s",
         f"`nodes.timeouts.acse` | {t.acse:g} s",
         f"`nodes.timeouts.dimse` | {t.dimse:g} s",
-        f"`nodes.timeouts.network` | {t.network:g} s",
         f"`nodes.acquire_timeout` | {node.acquire_timeout:g} s",
         f"`nodes.max_associations` (1-256, default {node.max_associations})",
         f"`nodes.idle_timeout` (default {node.idle_timeout:g} s",
