@@ -158,7 +158,7 @@ class AssociationPool:
         finally:
             await self.release(pooled)
 
-    async def acquire(self) -> PooledAssociation:
+    async def _take_slot(self) -> None:
         if self._closed:
             raise PoolExhausted(self.name, "the gateway is shutting down", retry_after=5)
         try:
@@ -171,33 +171,59 @@ class AssociationPool:
                 retry_after=max(1, math.ceil(self.acquire_timeout)),
             ) from None
         self.in_use += 1
+
+    def _give_slot(self) -> None:
+        self.in_use -= 1
+        self._slots.release()
+
+    async def acquire(self) -> PooledAssociation:
+        await self._take_slot()
         try:
             while self._idle:
                 pooled = self._idle.pop()
                 fresh = time.monotonic() - pooled.last_used < self.idle_timeout
                 if fresh and pooled.assoc.idle_and_healthy():
                     return pooled
-                self.spawn(self._close, pooled)  # the PACS released, aborted or closed it while idle
+                self.spawn(self._close, pooled.assoc)  # the PACS released, aborted or closed it while idle
             pooled = await self.run_sync(self._open)
             self.opened_total += 1
             return pooled
         except BaseException:
-            self.in_use -= 1
-            self._slots.release()
+            self._give_slot()
             raise
 
+    async def open_dedicated(self, proposal: Proposal) -> Association:
+        """An association of its own (a retrieve), counted against the node's cap like pooled ones.
+        An idle pooled association is closed first if the cap would be passed. Close it with
+        ``close_dedicated``."""
+        await self._take_slot()
+        try:
+            if self._idle and self.in_use + len(self._idle) > self.max_associations:
+                await self._close(self._idle.pop(0).assoc)
+            assoc = await self.run_sync(connect, self.peer, proposal)
+            self.opened_total += 1
+            return assoc
+        except BaseException:
+            self._give_slot()
+            raise
+
+    async def close_dedicated(self, assoc: Association) -> None:
+        try:
+            await self._close(assoc)
+        finally:
+            self._give_slot()
+
     async def release(self, pooled: PooledAssociation) -> None:
-        self.in_use -= 1
         if pooled.alive and not self._closed:
             pooled.last_used = time.monotonic()
             self._idle.append(pooled)
         else:
-            self.spawn(self._close, pooled)
-        self._slots.release()
+            self.spawn(self._close, pooled.assoc)
+        self._give_slot()
 
-    async def _close(self, pooled: PooledAssociation) -> None:
+    async def _close(self, assoc: Association) -> None:
         with anyio.CancelScope(shield=True):
-            await self.run_sync(pooled.assoc.release)
+            await self.run_sync(assoc.release)
 
     # -- housekeeping -----------------------------------------------------------------------------
 
@@ -209,7 +235,7 @@ class AssociationPool:
             if pooled.alive and now - pooled.last_used < self.idle_timeout:
                 keep.append(pooled)
             else:
-                self.spawn(self._close, pooled)
+                self.spawn(self._close, pooled.assoc)
         self._idle = keep
 
     @property
@@ -220,4 +246,4 @@ class AssociationPool:
         self._closed = True
         idle, self._idle = self._idle, []
         for pooled in idle:
-            await self._close(pooled)
+            await self._close(pooled.assoc)

@@ -418,6 +418,60 @@ class Association:
             if status not in (0xFF00, 0xFF01):
                 return
 
+    def get(self, identifier: Dataset, model: str, msg_id: int,
+            on_store: Callable[[StoreRequest], int]) -> Iterator[dict[int, Any]]:
+        """Send C-GET-RQ; answer each C-STORE sub-operation with ``on_store``'s status, in this thread,
+        as it arrives. Yield each C-GET-RSP command (pending ones carry the counts; the last one is
+        final). The final response's data set, if any, is decoded into key ``"failed_uids"``."""
+        yield from self._retrieve(C_GET_RQ, C_GET_RSP, identifier, model, msg_id, on_store, {})
+
+    def move(self, identifier: Dataset, model: str, msg_id: int, destination: str) -> Iterator[dict[int, Any]]:
+        """Send C-MOVE-RQ to ``destination``; yield each C-MOVE-RSP command as for ``get``."""
+        yield from self._retrieve(C_MOVE_RQ, C_MOVE_RSP, identifier, model, msg_id, None,
+                                  {MOVE_DESTINATION: destination})
+
+    def _retrieve(self, request: int, response: int, identifier: Dataset, model: str, msg_id: int,
+                  on_store: Callable[[StoreRequest], int] | None, extra: dict[int, Any]) -> Iterator[dict[int, Any]]:
+        cx = self._context(model)
+        ts = UID(cx.transfer_syntax)
+        payload = encode_dataset(identifier, ts.is_implicit_VR, ts.is_little_endian, ts.is_deflated)
+        if payload is None:
+            raise ValueError("the identifier cannot be encoded")
+        self.send_message(cx.context_id, encode_command({
+            AFFECTED_SOP_CLASS: model, COMMAND_FIELD: request, MESSAGE_ID: msg_id, PRIORITY: 0,
+            DATASET_TYPE: 0x0000, **extra,
+        }), payload)
+        for message in self.receive_messages():
+            if message.field == C_STORE_RQ and on_store is not None:
+                self._answer_store(message, on_store)
+            elif message.field == response:
+                command = dict(message.command)
+                if message.data is not None:
+                    failed = decode_dataset(BytesIO(message.data_bytes()), ts.is_implicit_VR, ts.is_little_endian,
+                                            ts.is_deflated)
+                    uids = failed.get("FailedSOPInstanceUIDList", []) if failed is not None else []
+                    command["failed_uids"] = [uids] if isinstance(uids, str) else list(uids or [])
+                yield command
+                if int(command.get(STATUS, 0xFFFF)) not in (0xFF00, 0xFF01):
+                    return
+
+    def _answer_store(self, message: Message, on_store: Callable[[StoreRequest], int]) -> None:
+        command = message.command
+        cx = self.context_by_id(message.context_id)
+        request = StoreRequest(
+            sop_class_uid=str(command.get(AFFECTED_SOP_CLASS, "")),
+            sop_instance_uid=str(command.get(AFFECTED_SOP_INSTANCE, "")),
+            transfer_syntax=cx.transfer_syntax if cx else "",
+            chunks=message.data or [],
+            move_originator_id=command.get(MOVE_ORIGINATOR_ID),
+        )
+        status = on_store(request) if cx is not None else 0x0122
+        self.send_message(message.context_id, encode_command({
+            AFFECTED_SOP_CLASS: request.sop_class_uid, COMMAND_FIELD: C_STORE_RSP,
+            RESPONDED_TO: int(command.get(MESSAGE_ID, 0)), DATASET_TYPE: NO_DATASET, STATUS: status,
+            AFFECTED_SOP_INSTANCE: request.sop_instance_uid,
+        }))
+
     def cancel(self, model: str, msg_id: int) -> None:
         """C-CANCEL-RQ for ``msg_id``; no response comes (PS3.7 9.3.2.3). Safe from another thread."""
         cx = self.context_for(model)
