@@ -24,6 +24,7 @@ from .config import Settings
 from .dicomweb.attributes import Level
 from .dicomweb.plan import Resource
 from .dicomweb.qido import SearchContext, search
+from .dicomweb.wado import WadoContext, retrieve
 from .dicomweb.urls import origin_and_prefix
 from .dimse.node import NodeClient, Nodes, open_nodes
 from .middleware import RequestContextMiddleware, request_id_var
@@ -54,13 +55,16 @@ def _node(request: Request) -> NodeClient:
     return node
 
 
+def _base_url(request: Request, settings: Settings, node: NodeClient) -> str:
+    origin = origin_and_prefix(request, settings.server.public_url, settings.server.trusted_proxies)
+    return origin + ("/dicom-web" if "node" not in request.path_params else f"/nodes/{node.name}/dicom-web")
+
+
 def _search_endpoint(level: Level) -> Callable[[Request], Awaitable[Response]]:
     async def endpoint(request: Request) -> Response:
         settings: Settings = request.app.state.settings
         node = _node(request)
-        origin = origin_and_prefix(request, settings.server.public_url, settings.server.trusted_proxies)
-        mount = "/dicom-web" if "node" not in request.path_params else f"/nodes/{node.name}/dicom-web"
-        base = origin + mount
+        base = _base_url(request, settings, node)
         q = settings.qido
         ctx = SearchContext(
             node, base, base,
@@ -73,8 +77,28 @@ def _search_endpoint(level: Level) -> Callable[[Request], Awaitable[Response]]:
     return endpoint
 
 
+def _retrieve_endpoint(level: Level) -> Callable[[Request], Awaitable[Response]]:
+    async def endpoint(request: Request) -> Response:
+        settings: Settings = request.app.state.settings
+        node = _node(request)
+        study = _uid_param(request, "study")
+        assert study is not None
+        ctx = WadoContext(
+            node, _base_url(request, settings, node), stall_timeout=settings.wado.stall_timeout,
+            strict_accept=settings.qido.strict_accept, fanout_concurrency=settings.qido.fanout_concurrency,
+            fanout_max_parents=settings.qido.fanout_max_parents,
+        )
+        return await retrieve(request, ctx, level, study, _uid_param(request, "series"), _uid_param(request, "instance"))
+
+    return endpoint
+
+
 def dicomweb_routes() -> list[Route]:
     return [
+        Route("/studies/{study}", _retrieve_endpoint(Level.STUDY), methods=["GET"]),
+        Route("/studies/{study}/series/{series}", _retrieve_endpoint(Level.SERIES), methods=["GET"]),
+        Route("/studies/{study}/series/{series}/instances/{instance}", _retrieve_endpoint(Level.IMAGE),
+              methods=["GET"]),
         Route("/studies", _search_endpoint(Level.STUDY), methods=["GET"]),
         Route("/series", _search_endpoint(Level.SERIES), methods=["GET"]),
         Route("/instances", _search_endpoint(Level.IMAGE), methods=["GET"]),

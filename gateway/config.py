@@ -66,6 +66,11 @@ class QidoSettings:
 
 
 @dataclass(frozen=True)
+class WadoSettings:
+    stall_timeout: float = 20.0
+
+
+@dataclass(frozen=True)
 class Timeouts:
     connect: float = 5.0
     acse: float = 10.0
@@ -106,6 +111,7 @@ class Settings:
     server: ServerSettings = field(default_factory=ServerSettings)
     gateway: GatewaySettings = field(default_factory=GatewaySettings)
     qido: QidoSettings = field(default_factory=QidoSettings)
+    wado: WadoSettings = field(default_factory=WadoSettings)
     nodes: tuple[NodeSettings, ...] = ()
 
     @property
@@ -210,7 +216,7 @@ def load_settings(path: str | os.PathLike[str] | None = None, *, data: Mapping[s
             raise ConfigError(str(path), f"not valid TOML: {exc}") from None
     if data is not None:
         raw = {**raw, **data}
-    sections = {"server": ServerSettings, "gateway": GatewaySettings, "qido": QidoSettings}
+    sections = {"server": ServerSettings, "gateway": GatewaySettings, "qido": QidoSettings, "wado": WadoSettings}
     for key in raw:
         if key not in (*sections, "nodes"):
             raise ConfigError(key, f"unknown section (known: {', '.join([*sections, 'nodes'])})")
@@ -282,6 +288,7 @@ def validate(s: Settings) -> None:
         raise ConfigError("qido.fanout_concurrency", f"must be at least 1 (got {q.fanout_concurrency})")
     if q.fanout_max_parents < 1:
         raise ConfigError("qido.fanout_max_parents", f"must be at least 1 (got {q.fanout_max_parents})")
+    _check_positive("wado.stall_timeout", s.wado.stall_timeout)
     if not s.nodes:
         raise ConfigError("nodes", "at least one [[nodes]] entry is required")
     seen: set[str] = set()
@@ -354,6 +361,7 @@ def settings_schema() -> dict[str, list[str]]:
         "server": names(ServerSettings, ""),
         "gateway": names(GatewaySettings, ""),
         "qido": names(QidoSettings, ""),
+        "wado": names(WadoSettings, ""),
         "nodes": names(NodeSettings, ""),
     }
 

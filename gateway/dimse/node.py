@@ -14,6 +14,8 @@ from gateway.config import NodeSettings, Settings
 from .find import FindService
 from .net import Peer
 from .pool import AssociationPool, Capabilities
+from .receiver import MoveReceiver
+from .retrieve import Retriever
 
 
 def tls_context(node: NodeSettings) -> tuple[ssl.SSLContext, str] | None:
@@ -42,7 +44,8 @@ def peer_for(node: NodeSettings, calling_ae: str) -> Peer:
 
 
 class NodeClient:
-    def __init__(self, settings: NodeSettings, calling_ae: str, task_group: anyio.abc.TaskGroup) -> None:
+    def __init__(self, settings: NodeSettings, calling_ae: str, task_group: anyio.abc.TaskGroup,
+                 receiver: MoveReceiver | None) -> None:
         self.settings = settings
         self.name = settings.name
         self.pool = AssociationPool(
@@ -55,6 +58,7 @@ class NodeClient:
             task_group=task_group,
         )
         self.queries = FindService(self.pool, settings.retries)
+        self.retriever = Retriever(self.pool, settings.retrieve, receiver, calling_ae)
 
     async def capabilities(self) -> Capabilities:
         """What the node accepted on its last query association; a C-ECHO opens one if none was."""
@@ -67,8 +71,9 @@ class NodeClient:
 class Nodes:
     """Every configured node, keyed by name, with the default one at hand."""
 
-    def __init__(self, settings: Settings, task_group: anyio.abc.TaskGroup) -> None:
-        self.by_name = {n.name: NodeClient(n, settings.gateway.ae_title, task_group) for n in settings.nodes}
+    def __init__(self, settings: Settings, task_group: anyio.abc.TaskGroup, receiver: MoveReceiver | None) -> None:
+        self.receiver = receiver
+        self.by_name = {n.name: NodeClient(n, settings.gateway.ae_title, task_group, receiver) for n in settings.nodes}
         self.default = self.by_name[settings.default_node.name]
         self._tg = task_group
 
@@ -88,13 +93,23 @@ class Nodes:
 
 @asynccontextmanager
 async def open_nodes(settings: Settings) -> AsyncIterator[Nodes]:
-    """Pools for every node, with idle reaping, for the lifetime of the block."""
-    async with anyio.create_task_group() as tg:
-        nodes = Nodes(settings, tg)
-        tg.start_soon(nodes.reap_forever)
-        try:
-            yield nodes
-        finally:
-            with anyio.CancelScope(shield=True):
-                await nodes.aclose()
-            tg.cancel_scope.cancel()
+    """Pools for every node, with idle reaping, and the C-MOVE receiver when a node retrieves with
+    C-MOVE, for the lifetime of the block."""
+    receiver = None
+    if settings.gateway.move_port and any(n.retrieve != "get" for n in settings.nodes):
+        g = settings.gateway
+        receiver = MoveReceiver(g.ae_title, g.move_host, g.move_port)
+        await anyio.to_thread.run_sync(receiver.start)
+    try:
+        async with anyio.create_task_group() as tg:
+            nodes = Nodes(settings, tg, receiver)
+            tg.start_soon(nodes.reap_forever)
+            try:
+                yield nodes
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await nodes.aclose()
+                tg.cancel_scope.cancel()
+    finally:
+        if receiver is not None:
+            await anyio.to_thread.run_sync(receiver.stop)

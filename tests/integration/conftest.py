@@ -3,7 +3,8 @@
 Every PACS holds the same synthetic studies (gateway.demo.data). The gateway under test runs as its
 own process with one node per PACS:
 
-- ``demo``: the demo PACS, relational queries negotiated;
+- ``demo``: the demo PACS, relational queries negotiated; ``demo-move``, ``orthanc-move`` and
+  ``dcmqrscp-move`` are the same PACSes retrieved with C-MOVE instead of C-GET;
 - ``demo-hier``: a second demo PACS that refuses relational queries (hierarchical fan-out);
 - ``orthanc``: Orthanc, relational not negotiated (Orthanc never acknowledges it), so fan-out;
 - ``orthanc-rel``: the same Orthanc with ``relational = "assume"``;
@@ -45,8 +46,15 @@ def studies() -> list[Dataset]:
 
 
 @pytest.fixture(scope="session")
-def demo_pacs(studies: list[Dataset]) -> Iterator[DemoPACS]:
-    with DemoPACS(ae_title="DEMO-PACS", datasets=studies) as pacs:
+def move_port() -> int:
+    """The gateway's C-MOVE receiver port, known to every PACS as the gateway's address."""
+    return free_port()
+
+
+@pytest.fixture(scope="session")
+def demo_pacs(studies: list[Dataset], move_port: int) -> Iterator[DemoPACS]:
+    with DemoPACS(ae_title="DEMO-PACS", datasets=studies,
+                  move_destinations={GATEWAY_AE: ("127.0.0.1", move_port)}) as pacs:
         yield pacs
 
 
@@ -59,8 +67,9 @@ def demo_hier(studies: list[Dataset]) -> Iterator[DemoPACS]:
 
 
 @pytest.fixture(scope="session")
-def chaos_pacs(studies: list[Dataset]) -> Iterator[DemoPACS]:
-    with DemoPACS(ae_title="CHAOS-PACS", datasets=studies) as pacs:
+def chaos_pacs(studies: list[Dataset], move_port: int) -> Iterator[DemoPACS]:
+    with DemoPACS(ae_title="CHAOS-PACS", datasets=studies,
+                  move_destinations={GATEWAY_AE: ("127.0.0.1", move_port)}) as pacs:
         yield pacs
 
 
@@ -82,10 +91,10 @@ def chaos(chaos_pacs: DemoPACS) -> Iterator[DemoPACS]:
 
 
 @pytest.fixture(scope="session")
-def orthanc(studies: list[Dataset]) -> Iterator[OrthancServer]:
+def orthanc(studies: list[Dataset], move_port: int) -> Iterator[OrthancServer]:
     require_binary(ORTHANC_BINARY, "Orthanc (Debian package orthanc)")
     require_binary(ORTHANC_DICOMWEB_PLUGIN, "Orthanc's DICOMweb plugin (Debian package orthanc-dicomweb)")
-    server = OrthancServer(aet="ORTHANC", modalities={"gateway": (GATEWAY_AE, "127.0.0.1", free_port())},
+    server = OrthancServer(aet="ORTHANC", modalities={"gateway": (GATEWAY_AE, "127.0.0.1", move_port)},
                            stop_timeout=0)
     with server:
         server.load(studies)
@@ -93,9 +102,9 @@ def orthanc(studies: list[Dataset]) -> Iterator[OrthancServer]:
 
 
 @pytest.fixture(scope="session")
-def dcmqrscp(studies: list[Dataset]) -> Iterator[DcmqrscpServer]:
+def dcmqrscp(studies: list[Dataset], move_port: int) -> Iterator[DcmqrscpServer]:
     require_binary(DCMQRSCP_BINARY, "DCMTK's dcmqrscp (Debian package dcmtk)")
-    server = DcmqrscpServer(aet="DCMQRSCP", peers={"gateway": (GATEWAY_AE, "localhost", free_port())})
+    server = DcmqrscpServer(aet="DCMQRSCP", peers={"gateway": (GATEWAY_AE, "localhost", move_port)})
     with server:
         server.load(studies)
         yield server
@@ -103,18 +112,22 @@ def dcmqrscp(studies: list[Dataset]) -> Iterator[DcmqrscpServer]:
 
 @pytest.fixture(scope="session")
 def gateway(
-    demo_pacs: DemoPACS, demo_hier: DemoPACS, chaos_pacs: DemoPACS, orthanc: OrthancServer, dcmqrscp: DcmqrscpServer
+    demo_pacs: DemoPACS, demo_hier: DemoPACS, chaos_pacs: DemoPACS, orthanc: OrthancServer, dcmqrscp: DcmqrscpServer,
+    move_port: int,
 ) -> Iterator[GatewayProcess]:
     def node(name: str, ae: str, port: int, **extra: object) -> dict[str, object]:
         return {"name": name, "ae_title": ae, "host": "127.0.0.1", "port": port, **extra}
 
     victim_port = free_port()
     settings = {
-        "gateway": {"ae_title": GATEWAY_AE},
+        "gateway": {"ae_title": GATEWAY_AE, "move_port": move_port},
         "qido": {"max_results": 100},
         "nodes": [
             node("demo", "DEMO-PACS", demo_pacs.port, default=True),
             node("demo-hier", "DEMO-HIER", demo_hier.port),
+            node("demo-move", "DEMO-PACS", demo_pacs.port, retrieve="move"),
+            node("orthanc-move", "ORTHANC", orthanc.dicom_port, max_pdu=131072, retrieve="move"),
+            node("dcmqrscp-move", "DCMQRSCP", dcmqrscp.port, max_pdu=131072, retrieve="move"),
             node("orthanc", "ORTHANC", orthanc.dicom_port, max_pdu=131072),
             node("orthanc-rel", "ORTHANC", orthanc.dicom_port, max_pdu=131072, relational="assume"),
             node("dcmqrscp", "DCMQRSCP", dcmqrscp.port, max_pdu=131072),

@@ -1,0 +1,232 @@
+"""WADO-RS retrieve of studies, series and instances (PS3.18 10.4), streamed from C-GET or C-MOVE.
+
+1. Negotiate the media type and transfer syntaxes (406 before anything else when nothing fits).
+2. An IMAGE-level C-FIND lists the instances and their SOP classes: 404 when there are none; the
+   SOP classes decide the C-GET storage contexts; the UIDs are what completeness is checked against.
+3. The retrieve starts; each instance is prepared in the DIMSE thread (transcoded if the client did
+   not accept what the PACS sent, given its file meta, framed as a part: one copy of its bytes) and
+   handed over through a bounded stream.
+4. The response headers wait for the first part or the final status, so 404, 406, 502 and 504
+   stay possible. After that, a failure or an incomplete retrieve aborts the connection: no closing
+   boundary and no final chunk, so no client takes the body as complete.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from contextlib import aclosing
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Sequence
+
+from pydicom.dataset import Dataset
+from starlette.requests import Request
+from starlette.responses import Response
+
+from gateway.dimse.errors import DimseError
+from gateway.dimse.node import NodeClient
+from gateway.dimse.retrieve import RetrieveOutcome, RetrieveRequest, _Done, _Failed
+from gateway.dimse.ul import StoreRequest
+from gateway.middleware import StreamAborted
+from gateway.problems import HttpProblem, from_dimse, not_acceptable, not_found
+
+from . import transcode
+from .attributes import Level
+from .negotiation import Choice, choose_instance_media, web_safe
+from .plan import SERIES_UID, SOP_UID, Resource, build_plan, post_filter
+from .query import parse_query
+from .qido import _Counters, run_plan
+from .streaming import StallGuardedResponse, closing, new_boundary, part_header
+
+log = logging.getLogger("gateway.wado")
+SOP_CLASS = 0x00080016
+
+
+@dataclass(frozen=True)
+class WadoContext:
+    node: NodeClient
+    base_url: str
+    stall_timeout: float
+    strict_accept: bool
+    fanout_concurrency: int
+    fanout_max_parents: int
+
+
+@dataclass
+class Part:
+    """A prepared instance: ``payload`` is what goes on the wire for it."""
+
+    sop_instance_uid: str
+    payload: bytes | None
+    problem: str | None = None  # why it could not be produced
+
+
+async def list_instances(ctx: WadoContext, resource: Resource, sop_uid: str | None) -> list[tuple[str, str, str]]:
+    """(series UID, SOP Instance UID, SOP Class UID) of every instance the retrieve covers."""
+    query = parse_query(f"SOPInstanceUID={sop_uid}" if sop_uid else "")
+    caps = await ctx.node.capabilities()
+    plan = build_plan(resource, query, relational=caps.relational, fuzzy_accepted=False,
+                      charset=ctx.node.settings.charset)
+    out = []
+    async with aclosing(run_plan(ctx.node, plan, concurrency=ctx.fanout_concurrency,
+                                 max_parents=ctx.fanout_max_parents, counters=_Counters())) as results:
+        async for ds in results:
+            if not post_filter(ds, plan.post_filters).keep:
+                continue
+            series, sop = _text(ds, SERIES_UID) or resource.series_uid or "", _text(ds, SOP_UID)
+            if sop:
+                out.append((series, sop, _text(ds, SOP_CLASS)))
+    return out
+
+
+def _text(ds: Dataset, tag: int) -> str:
+    if tag in ds and ds[tag].value:
+        value = ds[tag].value
+        return str(value[0] if isinstance(value, (list, tuple)) else value).strip()
+    return ""
+
+
+class _Preparer:
+    """Runs in DIMSE threads: transcode if needed, add file meta, frame the part."""
+
+    def __init__(self, choice: Choice, boundary: str | None, base_url: str, study_uid: str,
+                 series_of: dict[str, str]) -> None:
+        self.choice = choice
+        self.boundary = boundary
+        self.base_url = base_url
+        self.study_uid = study_uid
+        self.series_of = series_of
+        self.received: set[str] = set()
+        self.lock = threading.Lock()
+
+    def __call__(self, store: StoreRequest) -> Part:
+        with self.lock:
+            self.received.add(store.sop_instance_uid)
+        source = store.transfer_syntax
+        accepted = self.choice.transfer_syntaxes
+        if source in accepted or ("*" in accepted and web_safe(source)):
+            # as received: the data set bytes are copied once, into the part
+            return self._part(store, source, store.chunks)
+        try:
+            converted, target = transcode.convert_to_first(b"".join(store.chunks), source, list(accepted),
+                                                           lossy_allowed=self.choice.lossy_allowed)
+        except transcode.NotProducible as exc:
+            return Part(store.sop_instance_uid, None, str(exc))
+        return self._part(store, target, [converted])
+
+    def _part(self, store: StoreRequest, ts: str, chunks: Sequence[bytes | memoryview]) -> Part:
+        meta = transcode.file_meta_bytes(store.sop_class_uid, store.sop_instance_uid, ts)
+        if self.boundary is None:
+            return Part(store.sop_instance_uid, b"".join((meta, *chunks)))
+        series = self.series_of.get(store.sop_instance_uid)
+        location = (f"{self.base_url}/studies/{self.study_uid}/series/{series}/instances/{store.sop_instance_uid}"
+                    if series else None)
+        length = len(meta) + sum(len(c) for c in chunks)
+        header = part_header(self.boundary, f"application/dicom; transfer-syntax={ts}", length, location)
+        return Part(store.sop_instance_uid, b"".join((header, meta, *chunks, b"\r\n")))
+
+
+async def retrieve(request: Request, ctx: WadoContext, level: Level, study: str, series: str | None,
+                   sop: str | None) -> Response:
+    params = [v for k, v in request.query_params.multi_items() if k == "accept"]
+    choice = choose_instance_media(request.headers.get("accept"), params, single_instance=level == Level.IMAGE,
+                                   strict=ctx.strict_accept)
+    resource = Resource(Level.IMAGE, study, series)
+    try:
+        instances = await list_instances(ctx, resource, sop)
+    except DimseError as exc:
+        raise from_dimse(exc) from None
+    if not instances:
+        raise not_found("no such " + {Level.STUDY: "study", Level.SERIES: "series", Level.IMAGE: "instance"}[level]
+                        + " on node " + repr(ctx.node.name))
+    boundary = new_boundary() if choice.multipart else None
+    preparer = _Preparer(choice, boundary, ctx.base_url, study, {sop_: series_ for series_, sop_, _ in instances})
+    dimse_level = {Level.STUDY: "STUDY", Level.SERIES: "SERIES", Level.IMAGE: "IMAGE"}[level]
+    retrieve_request = RetrieveRequest(
+        dimse_level, study, series, sop, instances=instances,
+        transfer_syntaxes=[ts for ts in choice.transfer_syntaxes if ts != "*"] or _stored_forms(),
+    )
+    stream, cancel = ctx.node.retriever.start(retrieve_request, preparer, stall_timeout=ctx.stall_timeout)
+
+    first: Any = None
+    try:
+        first = await stream.receive()
+    except BaseException:
+        cancel()
+        await stream.aclose()
+        raise
+    if isinstance(first, (_Done, _Failed)):
+        await stream.aclose()
+        raise _problem_before_any_part(first, ctx)
+    assert isinstance(first, Part)
+    if first.payload is None:
+        cancel()
+        await stream.aclose()
+        raise not_acceptable(f"instance cannot be sent in an accepted transfer syntax: {first.problem}")
+
+    expected = {sop_ for _, sop_, _ in instances}
+
+    async def body() -> AsyncIterator[bytes]:
+        sent = 0
+        outcome: RetrieveOutcome | None = None
+        try:
+            assert first.payload is not None
+            yield first.payload
+            sent += 1
+            async for item in stream:
+                if isinstance(item, Part):
+                    if item.payload is None:
+                        raise _Abort(f"an instance cannot be sent in an accepted transfer syntax ({item.problem})")
+                    yield item.payload
+                    sent += 1
+                elif isinstance(item, _Failed):
+                    outcome = item.outcome
+                    raise _Abort(f"{type(item.error).__name__}: {item.error.message}")
+                elif isinstance(item, _Done):
+                    outcome = item.outcome
+                    break
+            if outcome is None:
+                raise _Abort("the retrieve ended without a final status")
+            missing = expected - preparer.received
+            if not outcome.complete or outcome.delivered < outcome.completed or missing:
+                raise _Abort(f"incomplete: status 0x{(outcome.status or 0):04X}, {outcome.completed} completed, "
+                             f"{outcome.failed} failed, {len(missing)} expected instance(s) not received")
+            if boundary is not None:
+                yield closing(boundary)
+        except _Abort as exc:
+            log.warning("retrieve on node %r aborted after %d of %d instance(s): %s", ctx.node.name, sent,
+                        len(expected), exc)
+            raise StreamAborted(str(exc)) from None
+        finally:
+            cancel()
+            await stream.aclose()
+
+    if boundary is not None:
+        media_type = f'multipart/related; type="application/dicom"; boundary={boundary}'
+    else:
+        media_type = "application/dicom"
+    return StallGuardedResponse(body(), stall_timeout=ctx.stall_timeout, media_type=media_type)
+
+
+class _Abort(Exception):
+    pass
+
+
+def _stored_forms() -> list[str]:
+    """For ``transfer-syntax=*``: contexts for the common stored forms, so the PACS sends as stored."""
+    return list(transcode.PASS_THROUGH_SYNTAXES)
+
+
+def _problem_before_any_part(item: _Done | _Failed, ctx: WadoContext) -> HttpProblem:
+    outcome = item.outcome
+    if isinstance(item, _Failed):
+        return from_dimse(item.error)
+    if outcome.rejected_classes:
+        return HttpProblem(502, "pacs-service-not-supported",
+                           f"node {ctx.node.name!r} refused the storage contexts for "
+                           + ", ".join(outcome.rejected_classes))
+    if outcome.failed:
+        return HttpProblem(502, "pacs-failure", f"node {ctx.node.name!r} failed to send {outcome.failed} instance(s)")
+    if outcome.consumer_gone:
+        return HttpProblem(503, "gateway-busy", "the retrieve was cancelled", headers={"Retry-After": "1"})
+    return not_found(f"node {ctx.node.name!r} sent no instance for this request")
