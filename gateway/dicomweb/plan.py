@@ -163,7 +163,10 @@ def build_plan(
     relational: bool,
     fuzzy_accepted: bool,
     charset: str,
+    defaults: bool = True,
 ) -> Plan:
+    """``defaults=False`` asks only for the unique keys and the query's own attributes (a retrieve's
+    instance listing needs no more, and a PACS may have to open files for the rest)."""
     warnings: list[str] = []
     allowed = resource.allowed_levels
 
@@ -252,7 +255,7 @@ def build_plan(
     step_levels = [lv for lv in (Level.STUDY, Level.SERIES, Level.IMAGE)
                    if lv == target or (first <= lv < target and (lv in constraining or not path_uids.get(lv)))]
 
-    output_tags = _output_tags(resource, includes, matches, query.include_all)
+    output_tags = _output_tags(resource, includes, matches, query.include_all, defaults)
 
     steps: list[Step] = []
     for level in step_levels:
@@ -298,10 +301,10 @@ def _add_key_silently(ds: Dataset, tag: BaseTag) -> None:
 
 
 def _output_tags(
-    resource: Resource, includes: list[MatchKey], matches: list[MatchKey], include_all: bool
+    resource: Resource, includes: list[MatchKey], matches: list[MatchKey], include_all: bool, defaults: bool
 ) -> list[tuple[BaseTag, frozenset[BaseTag]]]:
     tags: dict[BaseTag, set[BaseTag]] = {}
-    for level in resource.output_levels:
+    for level in resource.output_levels if defaults else ():
         for tag in DEFAULTS[level]:
             tags.setdefault(tag, set(SEQUENCE_DEFAULT_ITEMS.get(tag, ())))
         if include_all:

@@ -63,10 +63,10 @@ class Part:
 
 async def list_instances(ctx: WadoContext, resource: Resource, sop_uid: str | None) -> list[tuple[str, str, str]]:
     """(series UID, SOP Instance UID, SOP Class UID) of every instance the retrieve covers."""
-    query = parse_query(f"SOPInstanceUID={sop_uid}" if sop_uid else "")
+    query = parse_query("includefield=SOPClassUID" + (f"&SOPInstanceUID={sop_uid}" if sop_uid else ""))
     caps = await ctx.node.capabilities()
     plan = build_plan(resource, query, relational=caps.relational, fuzzy_accepted=False,
-                      charset=ctx.node.settings.charset)
+                      charset=ctx.node.settings.charset, defaults=False)
     out = []
     async with aclosing(run_plan(ctx.node, plan, concurrency=ctx.fanout_concurrency,
                                  max_parents=ctx.fanout_max_parents, counters=_Counters())) as results:
