@@ -1,0 +1,57 @@
+"""Bounded memory: a slow client reading a series five times the memory bound, RSS read from outside.
+
+The bound (issue: retrieve) is 200 MB plus twice the largest instance, with no cache. The series here
+is 2,100 CT slices of 512x512x16 bits (about 1.1 GB, five times the bound); the client reads at
+about 100 MB/s, slower than the PACS sends, so without backpressure the gateway would fill up.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Iterator
+
+import httpx
+import pytest
+
+from gateway.demo.data import generate_large_ct_series
+from gateway.demo.pacs import DemoPACS
+from tests.support.gatewayproc import GatewayProcess
+
+SLICES = 2100
+MB = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def big_pacs() -> Iterator[tuple[DemoPACS, str, str, int]]:
+    series = list(generate_large_ct_series(SLICES))
+    study_uid, series_uid = series[0].StudyInstanceUID, series[0].SeriesInstanceUID
+    largest = max(len(d.PixelData) for d in series) + 4096
+    with DemoPACS(ae_title="BIG-PACS", datasets=series) as pacs:
+        del series
+        yield pacs, study_uid, series_uid, largest
+
+
+def peak_rss(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+
+
+def test_slow_client_keeps_the_gateway_within_its_memory_bound(big_pacs: tuple[DemoPACS, str, str, int]) -> None:
+    pacs, study, series, largest = big_pacs
+    bound = 200 * MB + 2 * largest
+    node = {"name": "big", "ae_title": "BIG-PACS", "host": "127.0.0.1", "port": pacs.port}
+    with GatewayProcess({"nodes": [node], "wado": {"stall_timeout": 30}}) as gw:
+        assert gw.proc is not None
+        received = 0
+        started = time.monotonic()
+        with httpx.Client(timeout=120) as client:
+            with client.stream("GET", gw.url(None, f"/studies/{study}/series/{series}")) as r:
+                assert r.status_code == 200
+                for chunk in r.iter_raw(MB):
+                    received += len(chunk)
+                    time.sleep(len(chunk) / (100 * MB))  # about 100 MB/s
+                    assert time.monotonic() - started < 300, "bounded in time"
+        peak = peak_rss(gw.proc.pid)
+    assert received > 5 * bound, (received, bound)
+    assert peak < bound, f"peak RSS {peak / MB:.0f} MB over the bound {bound / MB:.0f} MB"
+    print(f"\nseries {received / MB:.0f} MB, gateway peak RSS {peak / MB:.0f} MB, bound {bound / MB:.0f} MB")
