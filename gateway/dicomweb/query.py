@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from datetime import date
 from urllib.parse import unquote_plus
 
-from pydicom.datadict import dictionary_VR, private_dictionary_VR, tag_for_keyword
+from pydicom.datadict import private_dictionary_VR, tag_for_keyword
 from pydicom.tag import BaseTag, Tag
 
 from .attributes import vr_of

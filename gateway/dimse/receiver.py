@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import itertools
 import logging
+import socket
 import threading
 from collections.abc import Callable
-from typing import Any
 
-from pynetdicom import AE, evt
 from pynetdicom.presentation import AllStoragePresentationContexts, build_context
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
@@ -35,8 +34,9 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from .net import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, configure_pynetdicom, nodelay_on_open
-from .ul import StoreRequest
+from .errors import DimseError
+from .net import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+from .ul import VERIFICATION, Rejected, StoreRequest, accept_association
 
 log = logging.getLogger("gateway.dimse")
 
@@ -48,6 +48,8 @@ RECEIVE_SYNTAXES = (
     JPEGExtended12Bit, JPEGLSNearLossless, JPEG2000, DeflatedExplicitVRLittleEndian, ImplicitVRLittleEndian,
     ExplicitVRBigEndian,
 )
+MAX_INBOUND = 64
+IDLE_TIMEOUT = 60.0
 
 REFUSED = 0x0124  # Refused: not authorized (no retrieve asked for this instance)
 
@@ -70,22 +72,19 @@ class _Move:
 
 
 class MoveReceiver:
-    """Owns the storage SCP and the table of moves in flight."""
+    """Owns the storage SCP (on the gateway's own upper layer) and the table of moves in flight."""
 
     def __init__(self, ae_title: str, host: str, port: int, max_pdu: int = 1 << 20) -> None:
-        configure_pynetdicom()
         self.ae_title = ae_title
         self.host = host
         self.port = port
-        self._ae = AE(ae_title=ae_title)
-        self._ae.implementation_class_uid = IMPLEMENTATION_CLASS_UID
-        self._ae.implementation_version_name = IMPLEMENTATION_VERSION_NAME
-        self._ae.maximum_pdu_size = max_pdu
-        self._ae.maximum_associations = 64
-        self._ae.require_called_aet = True
-        self._ae.supported_contexts = [build_context(cx.abstract_syntax, list(RECEIVE_SYNTAXES))
-                                       for cx in AllStoragePresentationContexts]
-        self._server: Any = None
+        self.max_pdu = max_pdu
+        self._supported = [build_context(cx.abstract_syntax, list(RECEIVE_SYNTAXES))
+                           for cx in AllStoragePresentationContexts]
+        self._supported.append(build_context(VERIFICATION, [ExplicitVRLittleEndian, ImplicitVRLittleEndian]))
+        self._listener: socket.socket | None = None
+        self._thread: threading.Thread | None = None
+        self._connections: set[socket.socket] = set()
         self._moves: dict[int, _Move] = {}
         self._lock = threading.Lock()
         self._ids = itertools.cycle(range(1, 65536))
@@ -94,22 +93,63 @@ class MoveReceiver:
     # -- lifecycle ------------------------------------------------------------------------------
 
     def start(self) -> None:
-        self._server = self._ae.start_server(
-            (self.host, self.port), block=False,
-            evt_handlers=[(evt.EVT_CONN_OPEN, nodelay_on_open), (evt.EVT_C_STORE, self._on_store)],
-        )
-        self.port = self._server.server_address[1]
+        listener = socket.create_server((self.host, self.port), reuse_port=False, backlog=64)
+        listener.settimeout(0.2)
+        self._listener = listener
+        self.port = listener.getsockname()[1]
+        self._thread = threading.Thread(target=self._accept_loop, name="move-receiver", daemon=True)
+        self._thread.start()
 
     def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server = None
-        for assoc in self._ae.active_associations:
-            assoc.abort()
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            listener.close()
+        if self._thread is not None:
+            self._thread.join(5)
+            self._thread = None
+        with self._lock:
+            connections = list(self._connections)
+        for conn in connections:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     @property
     def running(self) -> bool:
-        return self._server is not None
+        return self._listener is not None
+
+    def _accept_loop(self) -> None:
+        while self._listener is not None:
+            try:
+                conn, _ = self._listener.accept()
+            except (TimeoutError, socket.timeout):
+                continue
+            except OSError:
+                return
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            with self._lock:
+                busy = len(self._connections) >= MAX_INBOUND
+                self._connections.add(conn)
+            threading.Thread(target=self._serve, args=(conn, busy), name="move-receiver-association",
+                             daemon=True).start()
+
+    def _serve(self, conn: socket.socket, busy: bool) -> None:
+        try:
+            assoc = accept_association(
+                conn, node="move-receiver", ae_title=self.ae_title, supported=self._supported, max_pdu=self.max_pdu,
+                acse_timeout=10.0, dimse_timeout=IDLE_TIMEOUT, implementation_class_uid=IMPLEMENTATION_CLASS_UID,
+                implementation_version_name=IMPLEMENTATION_VERSION_NAME, busy=busy,
+            )
+            assoc.serve_stores(self._on_store, IDLE_TIMEOUT)
+        except Rejected as exc:
+            log.warning("move receiver rejected an association: %s", exc)
+        except (DimseError, OSError) as exc:
+            log.info("move receiver association ended: %s", exc)
+        finally:
+            with self._lock:
+                self._connections.discard(conn)
+            conn.close()
 
     # -- the moves in flight --------------------------------------------------------------------
 
@@ -136,22 +176,12 @@ class MoveReceiver:
                 return move if move is not None and move.claims(sop_instance_uid) else None
             return next((m for m in self._moves.values() if m.expected is not None and m.claims(sop_instance_uid)), None)
 
-    def _on_store(self, event: evt.Event) -> int:
-        request = event.request
-        uid = str(request.AffectedSOPInstanceUID)
-        move = self._match(request.MoveOriginatorMessageID, uid)
+    def _on_store(self, store: StoreRequest) -> int:
+        move = self._match(store.move_originator_id, store.sop_instance_uid)
         if move is None:
             self.refused += 1
             log.warning("refused a C-STORE that no retrieve in flight asked for")
             return REFUSED
         with move.lock:
-            move.received.add(uid)
-        data = request.DataSet.getvalue() if request.DataSet is not None else b""
-        store = StoreRequest(
-            sop_class_uid=str(request.AffectedSOPClassUID),
-            sop_instance_uid=uid,
-            transfer_syntax=str(event.context.transfer_syntax),
-            chunks=[memoryview(data)],
-            move_originator_id=request.MoveOriginatorMessageID,
-        )
+            move.received.add(store.sop_instance_uid)
         return move.sink(store)

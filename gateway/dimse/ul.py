@@ -42,7 +42,7 @@ from pynetdicom.pdu_primitives import (
     SCP_SCU_RoleSelectionNegotiation,
     SOPClassExtendedNegotiation,
 )
-from pynetdicom.presentation import PresentationContext, negotiate_as_requestor
+from pynetdicom.presentation import PresentationContext, negotiate_as_acceptor, negotiate_as_requestor
 
 from .errors import AssociationRejected, ConnectionLost, DimseTimeout, NodeUnreachable, ServiceNotSupported
 
@@ -472,6 +472,28 @@ class Association:
             AFFECTED_SOP_INSTANCE: request.sop_instance_uid,
         }))
 
+    def serve_stores(self, on_store: Callable[[StoreRequest], int], idle_timeout: float) -> None:
+        """Acceptor side: answer C-STORE and C-ECHO requests until the peer releases or aborts."""
+        try:
+            for message in self.receive_messages(timeout=idle_timeout):
+                if message.field == C_STORE_RQ:
+                    self._answer_store(message, on_store)
+                elif message.field == C_ECHO_RQ:
+                    self.send_message(message.context_id, encode_command({
+                        AFFECTED_SOP_CLASS: VERIFICATION, COMMAND_FIELD: C_ECHO_RSP,
+                        RESPONDED_TO: int(message.command.get(MESSAGE_ID, 0)), DATASET_TYPE: NO_DATASET,
+                        STATUS: 0x0000,
+                    }))
+                else:  # not a storage request: "unrecognized operation"
+                    self.send_message(message.context_id, encode_command({
+                        COMMAND_FIELD: message.field | 0x8000, RESPONDED_TO: int(message.command.get(MESSAGE_ID, 0)),
+                        DATASET_TYPE: NO_DATASET, STATUS: 0x0211,
+                    }))
+        except (ConnectionLost, DimseTimeout):
+            pass  # released, aborted, or idle too long: the association is over either way
+        finally:
+            self._close()
+
     def cancel(self, model: str, msg_id: int) -> None:
         """C-CANCEL-RQ for ``msg_id``; no response comes (PS3.7 9.3.2.3). Safe from another thread."""
         cx = self.context_for(model)
@@ -632,3 +654,64 @@ def _negotiated(rq_contexts: list[PresentationContext], answer: A_ASSOCIATE, pro
     rejected = [(str(cx.abstract_syntax), int(cx.result)) for cx in results if cx.result != 0x00]
     return Negotiated(accepted, rejected, peer_max, extended, impl_uid, impl_version)
 
+
+
+# ------------------------------------------------------------------------------------------------
+# Accepting an association (the C-MOVE destination)
+
+
+class Rejected(Exception):
+    """An association request that was answered with A-ASSOCIATE-RJ."""
+
+
+def accept_association(
+    sock: socket.socket, *, node: str, ae_title: str, supported: Sequence[PresentationContext], max_pdu: int,
+    acse_timeout: float, dimse_timeout: float, implementation_class_uid: str, implementation_version_name: str,
+    busy: bool = False,
+) -> Association:
+    """Negotiate as acceptor on a connected socket (blocking). Raises Rejected after answering with
+    A-ASSOCIATE-RJ (wrong called AE title, or ``busy``), or a DimseError when the peer misbehaves."""
+    pdu_type, raw = _read_raw_pdu(sock, node, acse_timeout)
+    if pdu_type != 0x01:
+        sock.sendall(b"\x07\x00\x00\x00\x00\x04\x00\x00\x00\x00")
+        raise ConnectionLost(node, f"expected an association request, got PDU type 0x{pdu_type:02X}")
+    rq = A_ASSOCIATE_RQ()
+    rq.decode(bytes(raw))
+    request = rq.to_primitive()
+    if str(request.called_ae_title).strip() != ae_title.strip() or busy:
+        rj = A_ASSOCIATE()
+        # called AE title not recognised: permanent, by the service user; too busy: transient, by the provider
+        rj.result, rj.result_source, rj.diagnostic = (0x02, 0x03, 0x02) if busy else (0x01, 0x01, 0x07)
+        pdu = A_ASSOCIATE_RJ()
+        pdu.from_primitive(rj)
+        sock.sendall(pdu.encode())
+        raise Rejected("busy" if busy else "called AE title not recognised")
+    roles: dict[str, tuple[bool, bool]] = {}
+    peer_max = 0
+    for item in request.user_information:
+        if isinstance(item, MaximumLengthNotification):
+            peer_max = int(item.maximum_length_received or 0)
+        elif isinstance(item, SCP_SCU_RoleSelectionNegotiation):
+            roles[str(item.sop_class_uid)] = (bool(item.scu_role), bool(item.scp_role))
+    results, role_items = negotiate_as_acceptor(request.presentation_context_definition_list, list(supported),
+                                                roles or None)
+    answer = A_ASSOCIATE()
+    answer.application_context_name = UID(APPLICATION_CONTEXT)
+    answer.calling_ae_title = request.calling_ae_title
+    answer.called_ae_title = request.called_ae_title
+    answer.result = 0x00
+    answer.presentation_context_definition_results_list = results
+    length = MaximumLengthNotification()
+    length.maximum_length_received = max_pdu
+    impl = ImplementationClassUIDNotification()
+    impl.implementation_class_uid = UID(implementation_class_uid)
+    version = ImplementationVersionNameNotification()
+    version.implementation_version_name = implementation_version_name
+    answer.user_information = [length, impl, version, *role_items]
+    pdu = A_ASSOCIATE_AC()
+    pdu.from_primitive(answer)
+    sock.sendall(pdu.encode())
+    accepted = [Accepted(int(cx.context_id), str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
+                for cx in results if cx.result == 0x00]
+    negotiated = Negotiated(accepted, [], peer_max)
+    return Association(sock, node, negotiated, max_pdu=max_pdu, dimse_timeout=dimse_timeout, acse_timeout=acse_timeout)
