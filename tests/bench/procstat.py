@@ -1,8 +1,8 @@
 """Watching the gateway and the PACS from outside, through /proc (Linux only).
 
 - Associations: a DICOM association is one TCP connection, so the number of associations the PACS
-  holds from the gateway is the number of ESTABLISHED connections whose local end is the PACS's DICOM
-  port and whose remote end is a socket the gateway process owns. Orthanc 1.10 does not report its
+  holds from the gateway is the number of connections whose PACS-side socket (local end: the DICOM
+  port) is ESTABLISHED and whose remote end is a socket the gateway process owns. Orthanc 1.10 does not report its
   open associations (``/statistics`` and ``/system`` have no such field), so this is read from the
   kernel's connection table (``/proc/net/tcp`` and ``tcp6``) and the gateway's ``/proc/<pid>/fd``.
 - Memory and threads: ``VmRSS`` and ``Threads`` from ``/proc/<pid>/status``; ``VmHWM`` is the kernel's
@@ -15,10 +15,12 @@ from __future__ import annotations
 import multiprocessing
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 _ESTABLISHED = "01"
+_MAX_TIMELINE = 100_000
+_MAX_OVER_CAP = 10
 _CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
@@ -27,7 +29,7 @@ def available() -> bool:
 
 
 def socket_inodes(pid: int) -> set[str]:
-    inodes = set()
+    inodes: set[str] = set()
     try:
         names = os.listdir(f"/proc/{pid}/fd")
     except OSError:
@@ -60,12 +62,21 @@ def tcp_table() -> list[tuple[int, int, str, str]]:
     return rows
 
 
-def associations_from(client_pid: int, server_port: int) -> int:
-    """ESTABLISHED connections the server (listening on ``server_port``) holds from ``client_pid``."""
+def connections_from(client_pid: int, server_port: int) -> tuple[int, list[tuple[int, str, str]]]:
+    """ESTABLISHED connections the server (listening on ``server_port``) holds from ``client_pid``,
+    and ``(client port, client-side state, server-side state)`` of every connection between the two."""
     inodes = socket_inodes(client_pid)
     rows = tcp_table()
-    client_ports = {lp for lp, rp, st, ino in rows if ino in inodes and rp == server_port and st == _ESTABLISHED}
-    return sum(1 for lp, rp, st, _ino in rows if lp == server_port and st == _ESTABLISHED and rp in client_ports)
+    client_side = {lp: st for lp, rp, st, ino in rows if ino in inodes and rp == server_port}
+    server_side = {rp: st for lp, rp, st, _ino in rows if lp == server_port and rp in client_side}
+    # what the PACS holds: its side is ESTABLISHED (whatever state the gateway's side is in by then)
+    count = sum(1 for st in server_side.values() if st == _ESTABLISHED)
+    return count, sorted((port, st, server_side.get(port, "-")) for port, st in client_side.items())
+
+
+def associations_from(client_pid: int, server_port: int) -> int:
+    """ESTABLISHED connections the server (listening on ``server_port``) holds from ``client_pid``."""
+    return connections_from(client_pid, server_port)[0]
 
 
 def established_to(server_port: int) -> int:
@@ -110,6 +121,10 @@ class Peaks:
     rss_kb: int = 0
     threads: int = 0
     samples: int = 0
+    # (time.monotonic(), associations) at every change of the count; the clock is system-wide on Linux
+    timeline: list[tuple[float, int]] = field(default_factory=list)
+    # snapshots when the count passed the cap: (time, [(gateway port, gateway-side state, PACS-side state)])
+    over_cap: list[tuple[float, list]] = field(default_factory=list)
 
 
 class Sampler:
@@ -121,8 +136,10 @@ class Sampler:
     at ``stop()``, after ``max_seconds``, or when this process is gone.
     """
 
-    def __init__(self, gateway_pid: int, pacs_port: int, interval: float = 0.005, max_seconds: float = 1800.0) -> None:
+    def __init__(self, gateway_pid: int, pacs_port: int, interval: float = 0.005, max_seconds: float = 1800.0,
+                 cap: int | None = None) -> None:
         self.gateway_pid = gateway_pid
+        self.cap = cap
         self.pacs_port = pacs_port
         self.interval = interval
         self.max_seconds = max_seconds
@@ -131,12 +148,12 @@ class Sampler:
         self._proc: Any = None
         self._overall = Peaks()
 
-    def start(self) -> "Sampler":
+    def start(self) -> Sampler:
         ctx = multiprocessing.get_context("spawn")  # never fork a process that runs threads
         self._conn, child = ctx.Pipe()
         self._proc = ctx.Process(
             target=_sampler_main, name="bench-sampler", daemon=True,
-            args=(child, self.gateway_pid, self.pacs_port, self.interval, self.max_seconds, os.getpid()),
+            args=(child, self.gateway_pid, self.pacs_port, self.interval, self.max_seconds, os.getpid(), self.cap),
         )
         self._proc.start()
         child.close()
@@ -155,7 +172,10 @@ class Sampler:
             return Peaks()
         if answer.get("error"):
             self.last_error = answer["error"]
-        return Peaks(**answer["peaks"])
+        peaks = answer["peaks"]
+        peaks["timeline"] = [tuple(x) for x in peaks.get("timeline", [])]
+        peaks["over_cap"] = [tuple(x) for x in peaks.get("over_cap", [])]
+        return Peaks(**peaks)
 
     def window(self) -> Peaks:
         return self._ask("window")
@@ -174,15 +194,21 @@ class Sampler:
 
 
 def _sampler_main(conn: Any, gateway_pid: int, pacs_port: int, interval: float, max_seconds: float,
-                  parent_pid: int) -> None:
+                  parent_pid: int, cap: int | None) -> None:
     overall, window = Peaks(), Peaks()
     error: str | None = None
+    last_count = -1
     conn.send("ready")
     deadline = time.monotonic() + max_seconds
     while time.monotonic() < deadline and os.getppid() == parent_pid:
         try:
-            assoc = associations_from(gateway_pid, pacs_port)
+            assoc, connections = connections_from(gateway_pid, pacs_port)
             status = status_fields(gateway_pid)
+            if cap is not None and assoc > cap and len(overall.over_cap) < _MAX_OVER_CAP:
+                overall.over_cap.append((time.monotonic(), connections))
+            if assoc != last_count and len(overall.timeline) < _MAX_TIMELINE:
+                overall.timeline.append((time.monotonic(), assoc))
+                last_count = assoc
             for peaks in (overall, window):
                 peaks.associations = max(peaks.associations, assoc)
                 peaks.rss_kb = max(peaks.rss_kb, status.get("rss_kb", 0))

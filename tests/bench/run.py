@@ -14,12 +14,18 @@ What runs:
    QIDO, direct C-FIND on an open association, Orthanc's QIDO; at 1, 8 and 32 concurrent clients.
 4. Per cell: warm-up requests (discarded), then a fixed number of requests per client, cut short by
    a wall-clock cap. p50 and p95 latency, throughput, CPU per request of the gateway and of Orthanc.
-5. While the gateway serves, a sampler reads /proc every 5 ms: associations Orthanc holds from the
-   gateway (TCP connections, see ``tests/bench/procstat.py``), the gateway's RSS and thread count.
+5. Throughout, a sampler process reads /proc every 5 ms (every 10-15 ms in practice on a busy
+   2-CPU machine): the associations Orthanc holds from the gateway (TCP connections, see
+   ``tests/bench/procstat.py``), the gateway's RSS and thread count; the kernel's own RSS high-water
+   mark covers the gaps between samples.
 
 Output: a table on stdout and a JSON file. The exit status is non-zero only when something went wrong
-(failed or wrong answers, more associations than the cap, a cell without numbers), never because of
-timing: there are no timed assertions.
+(failed or wrong answers, more associations than the cap, a measured cell without numbers), never
+because of timing: there are no timed assertions. Every loop is bounded in count and in time: a cell
+by its request count and a wall-clock cap, the run by a cap after which no further cell starts (the
+cells it skips are listed in the JSON).
+
+Profiling: ``--py-spy OUT`` records the gateway with py-spy (``pip install py-spy``) for the whole run.
 """
 
 from __future__ import annotations
@@ -29,15 +35,17 @@ import json
 import math
 import os
 import platform
+import shutil
 import signal
 import statistics
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import httpx
 
@@ -53,7 +61,14 @@ from tests.support.realpacs import (
 
 from . import procstat
 from .data import BenchData, bench_data
-from .paths import PATH_LABELS, PATHS, BenchError, DirectFindClient, HttpClient, Query, build_queries
+from .paths import (
+    PATH_LABELS,
+    PATHS,
+    DirectFindClient,
+    HttpClient,
+    Query,
+    build_queries,
+)
 
 GATEWAY_AE = "DICOMWEB-GW"
 DIRECT_AE = "BENCH-DIRECT"
@@ -72,13 +87,15 @@ class Profile:
     warmup_per_client: dict[int, int]
     cell_cap: float  # wall-clock cap of the timed part of one cell, seconds
     warmup_cap: float
+    run_cap: float  # no cell starts after this many seconds of the run (a guard against a hang)
     scale: int
     copies: int
 
 
 FULL = Profile("full", (1, 8, 32), {1: 200, 8: 40, 32: 15}, {1: 10, 8: 3, 32: 2},
-               cell_cap=12.0, warmup_cap=8.0, scale=2, copies=3)
-SMOKE = Profile("smoke", (1, 8), {1: 5, 8: 3}, {1: 1, 8: 1}, cell_cap=5.0, warmup_cap=5.0, scale=1, copies=0)
+               cell_cap=20.0, warmup_cap=10.0, run_cap=900.0, scale=2, copies=3)
+SMOKE = Profile("smoke", (1, 8), {1: 5, 8: 3}, {1: 1, 8: 1}, cell_cap=5.0, warmup_cap=5.0, run_cap=90.0,
+                scale=1, copies=0)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -86,21 +103,16 @@ SMOKE = Profile("smoke", (1, 8), {1: 5, 8: 3}, {1: 1, 8: 1}, cell_cap=5.0, warmu
 
 
 class BenchGateway(GatewayProcess):
-    """The gateway process, killed with the benchmark if the benchmark is killed (a CI timeout), and
-    optionally started under a wrapper (``prefix``, e.g. a profiler's command line)."""
+    """The gateway process, killed with the benchmark if the benchmark is killed (a CI timeout), its
+    temporary directory removed when it stops."""
 
-    def __init__(self, settings: dict[str, Any], prefix: Sequence[str] = ()) -> None:
-        super().__init__(settings)
-        self.prefix = list(prefix)
-
-    def start(self, timeout: float = 30.0) -> "BenchGateway":
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(
-            [*self.prefix, sys.executable, "-m", "gateway.cli", "serve", "--config", str(self.config_path)],
-            stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True,
-            preexec_fn=_die_with_parent,
-        )
-        log.close()
+    def start(self, timeout: float = 30.0) -> BenchGateway:
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "gateway.cli", "serve", "--config", str(self.config_path)],
+                stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True,
+                preexec_fn=_die_with_parent,
+            )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -114,16 +126,57 @@ class BenchGateway(GatewayProcess):
         self.stop()
         raise RuntimeError(f"gateway did not become healthy:\n{self.log_text()[-3000:]}")
 
-    def server_pid(self) -> int:
-        """The gateway's own process (the child of a wrapper such as ``py-spy record --``)."""
-        assert self.proc is not None
-        if not self.prefix:
-            return self.proc.pid
-        try:
-            children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()
-        except OSError:
-            children = []
-        return int(children[0]) if children else self.proc.pid
+    def stop(self) -> None:
+        super().stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class PySpy:
+    """``py-spy record`` attached to the gateway for the whole run (``--py-spy OUT``): collapsed stacks
+    of the thread holding the GIL, i.e. where the gateway spends its CPU. Needs py-spy on PATH or
+    beside this Python, and the right to ptrace the gateway."""
+
+    def __init__(self, pid: int, out: str, rate: int = 250) -> None:
+        exe = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+        if not os.access(exe, os.X_OK):
+            raise SystemExit("--py-spy: py-spy is not installed (pip install py-spy)")
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        self.out = out
+        self.proc = subprocess.Popen(
+            [exe, "record", "--pid", str(pid), "--rate", str(rate), "--gil", "--threads", "--nonblocking",
+             "--format", "raw", "-o", out, "--duration", "3600"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=_die_with_parent,
+        )
+
+    def stop(self) -> str:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)  # py-spy writes its output on Ctrl-C
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+        err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
+        return err.strip().splitlines()[-1] if err.strip() else ""
+
+
+def _provenance() -> dict[str, Any]:
+    """Which gateway code ran: the package's location and, when it is in a git work tree, its commit."""
+    import gateway
+
+    source = Path(gateway.__file__).resolve().parent
+    info: dict[str, Any] = {"version": getattr(gateway, "__version__", "?"), "source": str(source)}
+    try:
+        commit = subprocess.run(["git", "-C", str(source), "rev-parse", "--short", "HEAD"],
+                                capture_output=True, text=True, timeout=5)
+        if commit.returncode == 0:
+            info["commit"] = commit.stdout.strip()
+            dirty = subprocess.run(["git", "-C", str(source), "status", "--porcelain", "--", "."],
+                                   capture_output=True, text=True, timeout=5)
+            info["uncommitted_changes"] = bool(dirty.stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return info
 
 
 def gateway_settings(dicom_port: int, log_level: str) -> dict[str, Any]:
@@ -230,14 +283,16 @@ def run_cell(ctx: Context, path: str, query: Query, clients: list[Any], concurre
 
     threads = [threading.Thread(target=worker, args=(i,), name=f"bench-{path}-{i}", daemon=True)
                for i in range(concurrency)]
+    if ctx.sampler is not None:
+        ctx.sampler.window()  # the cell's window includes its warm-up
+    cell_began = time.monotonic()
     for t in threads:
         t.start()
     try:
         barrier.wait(timeout=profile.warmup_cap + 60)
     except threading.BrokenBarrierError:
         errors.append("warm-up did not finish")
-    if ctx.sampler is not None:
-        ctx.sampler.window()
+    timed_began = time.monotonic()
     gw_cpu0, pacs_cpu0, own_cpu0 = procstat.cpu_seconds(ctx.gateway_pid), procstat.cpu_seconds(ctx.orthanc_pid), time.process_time()
     started = time.perf_counter()
     join_deadline = time.monotonic() + profile.cell_cap + 90  # the cap, plus one request's worst timeout
@@ -268,6 +323,7 @@ def run_cell(ctx: Context, path: str, query: Query, clients: list[Any], concurre
         "min_ms": round(min(flat) * 1000, 3) if flat else None,
         "max_ms": round(max(flat) * 1000, 3) if flat else None,
         "wall_s": round(wall, 3),
+        "monotonic": {"cell": round(cell_began, 3), "timed": round(timed_began, 3), "end": round(time.monotonic(), 3)},
         "throughput_rps": round(ok / wall, 1) if wall > 0 and ok else None,
         "cpu_ms_per_request": {
             "gateway": per_req(gw_cpu) if path == "gateway" else None,
@@ -322,6 +378,8 @@ def render(report: dict[str, Any]) -> str:
         f"gateway max_associations={MAX_ASSOCIATIONS}, max_pdu={MAX_PDU}, relational=assume; "
         f"Orthanc DicomThreadsCount={meta['orthanc_dicom_threads']}; {meta['cpus']} CPUs",
         "Latency in ms (p50 / p95). Ratios: gateway p50 divided by the other path's p50.",
+        "CPU ms per request: the gateway process in the gateway cells, this process (the pynetdicom clients) "
+        "in the direct cells, Orthanc in each path's cells.",
         "direct C-FIND: an association opened beforehand; with limit=10 the clock stops at the 11th match "
         "(then C-CANCEL), as the gateway answers then.",
     ]
@@ -347,18 +405,17 @@ def render(report: dict[str, Any]) -> str:
             row += f"{_fmt(r.get('gateway_over_direct_p50'), 2):>11}{_fmt(r.get('gateway_over_orthanc_p50'), 2):>12}{errs:>8}"
             lines.append(row)
         lines.append("")
-        lines.append(f"{'req/s and CPU ms per request':<{name_w}}" + "".join(f"{PATH_LABELS[p] + ' req/s':>20}" for p in PATHS)
-                     + f"{'CPU: gateway':>14}{'bench (direct)':>16}{'Orthanc gw/dir/QIDO':>22}")
+        lines.append(f"{'throughput, CPU per request':<{name_w}}{'req/s: gateway':>15}{'direct':>8}{'Orthanc':>9}"
+                     f"{'CPU ms: gateway':>18}{'direct client':>15}{'Orthanc (gw/direct/QIDO)':>27}")
         for q in queries:
-            row = f"{q['label']:<{name_w}}"
-            for p in PATHS:
-                c = by_key.get((q["name"], p, conc))
-                row += f"{_fmt(c['throughput_rps'], 0) if c else '-':>20}"
             gw_c, dir_c, orth_c = (by_key.get((q["name"], p, conc)) for p in PATHS)
-            row += f"{_fmt(gw_c['cpu_ms_per_request']['gateway']) if gw_c else '-':>14}"
-            row += f"{_fmt(dir_c['cpu_ms_per_request']['bench_clients']) if dir_c else '-':>16}"
-            pacs = "/".join(_fmt(c["cpu_ms_per_request"]["orthanc"]) if c else "-" for c in (gw_c, dir_c, orth_c))
-            row += f"{pacs:>22}"
+            row = f"{q['label']:<{name_w}}"
+            for c, width in ((gw_c, 15), (dir_c, 8), (orth_c, 9)):
+                row += f"{_fmt(c['throughput_rps'], 0) if c else '-':>{width}}"
+            row += f"{_fmt(gw_c['cpu_ms_per_request']['gateway']) if gw_c else '-':>18}"
+            row += f"{_fmt(dir_c['cpu_ms_per_request']['bench_clients']) if dir_c else '-':>15}"
+            pacs = " / ".join(_fmt(c["cpu_ms_per_request"]["orthanc"]) if c else "-" for c in (gw_c, dir_c, orth_c))
+            row += f"{pacs:>27}"
             lines.append(row)
         assoc = [by_key[(q["name"], "gateway", conc)].get("gateway_peak_associations")
                  for q in queries if (q["name"], "gateway", conc) in by_key]
@@ -371,7 +428,7 @@ def render(report: dict[str, Any]) -> str:
         "",
         f"gateway process: peak RSS {_fmt(gw['peak_rss_mb'])} MB (kernel high-water mark {_fmt(gw['hwm_rss_mb'])} MB, "
         f"{_fmt(gw['start_rss_mb'])} MB after start-up), peak threads {gw['peak_threads']} "
-        f"({gw['start_threads']} after start-up); {gw['samples']} samples",
+        f"({gw['start_threads']} after start-up); {gw['samples']} samples, one every {_fmt(gw['mean_sampling_interval_ms'])} ms",
         f"associations Orthanc held from the gateway: peak {checks['peak_associations']} overall, "
         f"{checks['peak_associations_at_max_concurrency']} at {checks['max_concurrency']} clients (cap {MAX_ASSOCIATIONS})",
         f"errors: {checks['errors_total']}" + (f"  e.g. {checks['error_samples']}" if checks["error_samples"] else ""),
@@ -415,8 +472,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--orthanc-dicom-threads", type=int, default=64,
                         help="Orthanc's DicomThreadsCount (default 64: more than the associations open at once)")
     parser.add_argument("--gateway-log-level", default="info", help="the gateway's server.log_level (default info)")
-    parser.add_argument("--gateway-prefix", default="",
-                        help="command line to run the gateway under, e.g. 'py-spy record -o gw.svg --' (split on spaces)")
+    parser.add_argument("--py-spy", metavar="OUT",
+                        help="record the gateway with py-spy (GIL samples, collapsed stacks) into OUT")
     return parser.parse_args(argv)
 
 
@@ -425,7 +482,7 @@ def _profile(args: argparse.Namespace) -> Profile:
     concs = tuple(int(x) for x in args.concurrency.split(",")) if args.concurrency else p.concurrencies
     req = {c: args.requests or p.requests_per_client.get(c, 15) for c in concs}
     warm = {c: p.warmup_per_client.get(c, 2) for c in concs}
-    return Profile(p.name, concs, req, warm, args.cell_cap or p.cell_cap, p.warmup_cap, p.scale, p.copies)
+    return Profile(p.name, concs, req, warm, args.cell_cap or p.cell_cap, p.warmup_cap, p.run_cap, p.scale, p.copies)
 
 
 def run(args: argparse.Namespace, print_fn: Callable[[str], None] = print) -> dict[str, Any]:
@@ -441,6 +498,7 @@ def run(args: argparse.Namespace, print_fn: Callable[[str], None] = print) -> di
         wanted = args.queries.split(",")
         queries = [q for q in queries if q.name in wanted]
     cells: list[dict[str, Any]] = []
+    skipped: list[str] = []
     server = OrthancServer(
         aet=ORTHANC_AE,
         modalities={"gateway": (GATEWAY_AE, "127.0.0.1", free_port()), "direct": (DIRECT_AE, "127.0.0.1", free_port())},
@@ -457,12 +515,14 @@ def run(args: argparse.Namespace, print_fn: Callable[[str], None] = print) -> di
         load_seconds = load_parallel(server, data)
         print_fn(f"Orthanc {'.'.join(map(str, orthanc_version()))} on DICOM port {server.dicom_port}: "
                  f"loaded {data.instances_total} instances ({data.studies_total} studies) in {load_seconds:.1f} s")
-        gateway = BenchGateway(gateway_settings(server.dicom_port, args.gateway_log_level),
-                               prefix=args.gateway_prefix.split() if args.gateway_prefix else ())
+        gateway = BenchGateway(gateway_settings(server.dicom_port, args.gateway_log_level))
         with gateway:
-            gw_pid = gateway.server_pid()
+            assert gateway.proc is not None
+            gw_pid = gateway.proc.pid
+            spy = PySpy(gw_pid, args.py_spy) if args.py_spy else None
             start_status = procstat.status_fields(gw_pid)
-            sampler = procstat.Sampler(gw_pid, server.dicom_port).start() if procstat.available() else None
+            sampler = procstat.Sampler(gw_pid, server.dicom_port, cap=MAX_ASSOCIATIONS).start() if procstat.available() else None
+            sampling_began = time.monotonic()
             ctx = Context(profile, server.pid, gw_pid, sampler)
             try:
                 for conc in profile.concurrencies:
@@ -472,6 +532,9 @@ def run(args: argparse.Namespace, print_fn: Callable[[str], None] = print) -> di
                             clients[p] = _open_clients(p, conc, gateway, server)
                         for q in queries:
                             for p in paths:
+                                if time.monotonic() - began > profile.run_cap:
+                                    skipped.append(f"{q.name}/{p}/{conc}")
+                                    continue
                                 cell = run_cell(ctx, p, q, clients[p], conc)
                                 cells.append(cell)
                                 print_fn(f"  {conc:>2} clients  {q.label:<28} {PATH_LABELS[p]:<14} "
@@ -482,9 +545,13 @@ def run(args: argparse.Namespace, print_fn: Callable[[str], None] = print) -> di
                         for cs in clients.values():
                             _close_all(cs)
             finally:
+                if spy is not None:
+                    print_fn(f"py-spy: {spy.stop() or 'done'}; collapsed stacks in {spy.out}")
                 overall = sampler.stop() if sampler is not None else procstat.Peaks()
                 end_status = procstat.status_fields(gw_pid)
-                sampler_error = sampler.last_error if sampler is not None else "no /proc: not sampled"
+                sampler_error = sampler.last_error if sampler is not None else None
+                sampled_seconds = time.monotonic() - sampling_began
+                gateway_log = gateway.log_text()
 
     errors_total = sum(c["errors"] for c in cells)
     samples = sorted({s for c in cells for s in c["error_samples"]})[:5]
@@ -501,7 +568,7 @@ def run(args: argparse.Namespace, print_fn: Callable[[str], None] = print) -> di
         problems.append(f"cells without numbers: {', '.join(missing)}")
     if sampler_error:
         problems.append(f"sampler: {sampler_error}")
-    if "gateway" in paths and procstat.available() and overall.samples == 0:
+    if procstat.available() and overall.samples == 0:
         problems.append("the sampler took no samples")
 
     report: dict[str, Any] = {
@@ -520,7 +587,12 @@ def run(args: argparse.Namespace, print_fn: Callable[[str], None] = print) -> di
             "dicomweb_plugin": ORTHANC_DICOMWEB_PLUGIN,
             "orthanc_dicom_threads": args.orthanc_dicom_threads,
             "gateway": {"max_associations": MAX_ASSOCIATIONS, "max_pdu": MAX_PDU, "relational": "assume",
-                        "log_level": args.gateway_log_level},
+                        "log_level": args.gateway_log_level, **_provenance()},
+            "direct_client": "pynetdicom requestor, one association per client thread opened before the cell, "
+                             "TCP_NODELAY, max_pdu 131072, LOG_HANDLER_LEVEL none; reactor parked before each "
+                             "C-FIND (works around a pynetdicom 3.0.4 race, see tests/bench/paths.py)",
+            "timing": "HTTP: whole response body read; direct: up to the final status, or to match limit+1 "
+                      "(then C-CANCEL, drained after the clock stops)",
             "data": data.summary(),
             "load_seconds": round(load_seconds, 2),
             "python": platform.python_version(),
@@ -536,7 +608,13 @@ def run(args: argparse.Namespace, print_fn: Callable[[str], None] = print) -> di
             "peak_threads": overall.threads,
             "start_threads": start_status.get("threads", 0),
             "samples": overall.samples,
+            "mean_sampling_interval_ms": round(sampled_seconds * 1000 / overall.samples, 1) if overall.samples else None,
+            "sampled": procstat.available(),
         },
+        # (time.monotonic(), associations Orthanc held from the gateway) at every change
+        "association_timeline": [[round(t, 4), n] for t, n in overall.timeline],
+        # connections between the gateway and Orthanc whenever Orthanc held more than the cap
+        "over_cap_snapshots": [{"monotonic": round(t, 4), "connections": conns} for t, conns in overall.over_cap],
         "checks": {
             "errors_total": errors_total,
             "error_samples": samples,
@@ -545,8 +623,12 @@ def run(args: argparse.Namespace, print_fn: Callable[[str], None] = print) -> di
             "max_concurrency": max_conc,
             "peak_associations_at_max_concurrency": max(at_max) if at_max else None,
             "problems": problems,
+            "skipped_by_run_cap": skipped,
             "ok": not problems,
         },
+        # what the gateway logged above INFO (it logs each request at INFO in its access log)
+        "gateway_log_problems": [line for line in gateway_log.splitlines()
+                                 if any(level in line for level in ("WARNING", "ERROR", "CRITICAL", "Traceback"))][-50:],
         "elapsed_seconds": round(time.monotonic() - began, 1),
         "out": str(args.out),
     }
