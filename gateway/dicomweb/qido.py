@@ -100,11 +100,12 @@ def _q(value: str) -> float:
 
 
 def _merge(child: Dataset, parent: Dataset | None) -> Dataset:
+    """The parent's attributes the child lacks, copied as they are (raw elements stay raw)."""
     if parent is None:
         return child
-    for elem in parent:
-        if elem.tag not in child and elem.tag not in (QUERY_RETRIEVE_LEVEL, SPECIFIC_CHARACTER_SET):
-            child.add(elem)
+    for tag in parent.keys():
+        if tag not in child and tag not in (QUERY_RETRIEVE_LEVEL, SPECIFIC_CHARACTER_SET):
+            child[tag] = parent.get_item(tag)
     return child
 
 
@@ -151,11 +152,9 @@ async def _collect(node: NodeClient, identifier: Dataset, limit: int, counters: 
 
 
 def _decode(m: Match) -> Dataset:
-    """Convert every raw element once, with the identifier's own character set."""
-    ds = m.identifier
-    for _ in ds:  # iterating a Dataset converts (and keeps) each raw element
-        pass
-    return ds
+    """The identifier, its elements left raw: only the ones a filter reads get converted, and the
+    JSON writer reads raw values directly with the identifier's own character set."""
+    return m.identifier
 
 
 async def run_plan(
@@ -217,11 +216,12 @@ def shape(result: Dataset, plan: Plan, base_url: str) -> Dataset:
     out = Dataset()
     for tag, _items in plan.output_tags:
         if tag in result:
-            out.add(result[tag])
+            out[tag] = result.get_item(tag)  # raw elements stay raw
         else:
             out.add_new(tag, vr_of(tag), None)
-    if SPECIFIC_CHARACTER_SET in result and result[SPECIFIC_CHARACTER_SET].value:
-        out.add_new(SPECIFIC_CHARACTER_SET, "CS", "ISO_IR 192")
+    if SPECIFIC_CHARACTER_SET in result:
+        # the PACS's own value: raw text is decoded with it; the JSON says ISO_IR 192 (UTF-8)
+        out[SPECIFIC_CHARACTER_SET] = result.get_item(SPECIFIC_CHARACTER_SET)
     for tag in (QUERY_RETRIEVE_LEVEL, RETRIEVE_AE_TITLE):
         if tag in out:
             del out[tag]
