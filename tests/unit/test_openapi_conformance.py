@@ -1,13 +1,14 @@
 """openapi/openapi.json, openapi/conformance.md and README.md agree with the code (no sockets).
 
-The app is built but its lifespan never runs, so no node pool is opened. Texts the code emits
-(Warning texts, error codes) are read from the source with ``ast``, so a new one that is not
-documented fails here.
+The app is built but its lifespan never runs, so no node pool and no C-MOVE receiver is opened.
+Texts and numbers the code emits (Warning texts, error codes, statuses, the receiver's limits) are
+read from the source with ``ast``, so a new one that is not documented fails here.
 """
 
 from __future__ import annotations
 
 import ast
+import inspect
 import json
 import os
 import re
@@ -24,16 +25,20 @@ from gateway import app as app_module
 from gateway import config as config_module
 from gateway.app import create_app
 from gateway.config import (
+    GatewaySettings,
     NodeSettings,
     QidoSettings,
     Timeouts,
+    WadoSettings,
     load_settings,
     settings_schema,
 )
-from gateway.dicomweb import attributes
+from gateway.dicomweb import attributes, negotiation, transcode
 from gateway.dicomweb.qido import SearchContext
 from gateway.dicomweb.query import RESERVED
+from gateway.dimse import receiver, retrieve
 from gateway.dimse.net import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+from gateway.dimse.storage_classes import CURATED_STORAGE_CLASSES
 from gateway.problems import HttpProblem, internal_error_response, problem_response
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -130,8 +135,20 @@ def _refs(node: Any, where: str = "#") -> Iterator[tuple[str, str]]:
             yield from _refs(value, f"{where}/{i}")
 
 
+def _tagged_operations(doc: dict[str, Any], tag: str) -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
+    return [(p, item, op) for p, m, item, op in _operations(doc)
+            if "/dicom-web/" in p and m == "get" and tag in op.get("tags", ())]
+
+
 def _search_operations(doc: dict[str, Any]) -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
-    return [(p, item, op) for p, m, item, op in _operations(doc) if "/dicom-web/" in p and m == "get"]
+    return _tagged_operations(doc, "QIDO-RS")
+
+
+def _retrieve_operations(doc: dict[str, Any]) -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
+    return _tagged_operations(doc, "WADO-RS")
+
+
+RETRIEVE_SUFFIXES = ("/studies/{}", "/studies/{}/series/{}", "/studies/{}/series/{}/instances/{}")
 
 
 def _parameters(doc: dict[str, Any], item: dict[str, Any], op: dict[str, Any]) -> list[dict[str, Any]]:
@@ -155,6 +172,13 @@ def _section(text: str, heading_start: str) -> str:
     return text[start:] if end < 0 else text[start:end]
 
 
+def _chapter(text: str, heading_start: str) -> str:
+    """A ``## `` section with its subsections."""
+    start = text.index(heading_start)
+    end = text.find("\n## ", start + len(heading_start))
+    return text[start:] if end < 0 else text[start:end]
+
+
 def _keywords(cell: str) -> set[str]:
     return {w for w in re.findall(r"\b[A-Z][A-Za-z]+\b", cell) if tag_for_keyword(w) is not None}
 
@@ -175,13 +199,25 @@ def test_every_app_route_is_in_openapi_and_back(app_routes: set[tuple[str, str]]
 
 
 def test_the_app_has_the_routes_this_document_describes(app_routes: set[tuple[str, str]]) -> None:
-    # guards the normalization above: both mounts with all six QIDO resources, plus the two others
+    # guards the normalization above: both mounts with all six QIDO resources and the three WADO-RS
+    # instance resources, plus the two others
     for mount in ("/dicom-web", "/nodes/{}/dicom-web"):
         for rel in ("/studies", "/series", "/instances", "/studies/{}/series", "/studies/{}/instances",
-                    "/studies/{}/series/{}/instances"):
+                    "/studies/{}/series/{}/instances", *RETRIEVE_SUFFIXES):
             assert (mount + rel, "GET") in app_routes
     assert ("/health", "GET") in app_routes and ("/openapi.json", "GET") in app_routes
-    assert len(app_routes) == 14
+    assert len(app_routes) == 20
+
+
+def test_every_dicomweb_operation_is_a_search_or_a_retrieve(doc: dict[str, Any]) -> None:
+    searches = {p for p, _item, _op in _search_operations(doc)}
+    retrieves = {p for p, _item, _op in _retrieve_operations(doc)}
+    assert len(searches) == 12 and len(retrieves) == 6 and not searches & retrieves
+    for path, _method, _item, _op in _operations(doc):
+        if "/dicom-web/" in path:
+            assert path in searches | retrieves, f"{path} is tagged neither QIDO-RS nor WADO-RS"
+    for path in retrieves:
+        assert normalize(path).endswith(RETRIEVE_SUFFIXES), path
 
 
 def test_conformance_resource_tables_match_the_app(app_routes: set[tuple[str, str]], conformance: str) -> None:
@@ -208,7 +244,7 @@ def test_path_parameter_patterns_are_the_codes(doc: dict[str, Any]) -> None:
     params = doc["components"]["parameters"]
     assert params["node"]["schema"]["pattern"] == config_module._NODE_NAME_RE.pattern
     assert params["node"]["schema"]["maxLength"] == 64
-    for name in ("study", "series"):
+    for name in ("study", "series", "instance"):
         assert params[name]["schema"]["pattern"] == app_module._UID_RE.pattern
         assert params[name]["schema"]["maxLength"] == 64
         assert re.fullmatch(params[name]["schema"]["pattern"], "1.2.840.10008.1.2.1")
@@ -243,6 +279,52 @@ def test_search_responses(doc: dict[str, Any]) -> None:
         assert _resolve(doc, ok["content"]["application/dicom+json"]["schema"])["type"] == "array"
         for status in ("200", "204"):
             assert "Warning" in _resolve(doc, responses[status])["headers"], f"{path}: Warning on {status}"
+        assert "Retry-After" in _resolve(doc, responses["503"])["headers"], path
+        for status, response in responses.items():
+            response = _resolve(doc, response)
+            assert "X-Request-ID" in response.get("headers", {}), f"{path}: X-Request-ID on {status}"
+            if status.startswith(("4", "5")):
+                schema = response["content"]["application/json"]["schema"]
+                assert schema == {"$ref": "#/components/schemas/Error"}, f"{path}: {status}"
+
+
+def _retrieve_query_parameter_names() -> set[str]:
+    """The query parameter names ``wado.retrieve`` compares against (``k == "accept"``)."""
+    names: set[str] = set()
+    for func in ast.walk(_tree("dicomweb/wado.py")):
+        if isinstance(func, ast.AsyncFunctionDef) and func.name == "retrieve":
+            for node in ast.walk(func):
+                if isinstance(node, ast.Compare) and isinstance(node.left, ast.Name) and node.left.id == "k":
+                    names |= {c.value for c in node.comparators
+                              if isinstance(c, ast.Constant) and isinstance(c.value, str)}
+    return names
+
+
+def test_retrieve_parameters(doc: dict[str, Any]) -> None:
+    assert _retrieve_query_parameter_names() == {"accept"}
+    for path, item, op in _retrieve_operations(doc):
+        params = _parameters(doc, item, op)
+        query = {p["name"] for p in params if p["in"] == "query"}
+        assert query == _retrieve_query_parameter_names(), path
+        headers = {p["name"]: p for p in params if p["in"] == "header"}
+        assert "Accept" in headers and "X-Request-ID" in headers, path
+        accept = squash(headers["Accept"]["description"])
+        for phrase in ('multipart/related; type="application/dicom"', "transfer-syntax", "application/dicom",
+                       negotiation.EXPLICIT_VR_LE, "`*`"):
+            assert phrase in accept, f"{path}: Accept description lacks {phrase}"
+
+
+def test_retrieve_responses(doc: dict[str, Any]) -> None:
+    for path, _item, op in _retrieve_operations(doc):
+        responses = op["responses"]
+        assert set(responses) == {"200", "400", "403", "404", "406", "413", "500", "502", "503", "504"}, path
+        ok = _resolve(doc, responses["200"])
+        single = normalize(path).endswith("/instances/{}")
+        expected = {"multipart/related", "application/dicom"} if single else {"multipart/related"}
+        assert set(ok["content"]) == expected, path
+        for media in ok["content"].values():
+            assert media["schema"] == {"type": "string", "format": "binary"}, path
+        assert "Warning" not in ok.get("headers", {}), f"{path}: retrieve sends no Warning"
         assert "Retry-After" in _resolve(doc, responses["503"])["headers"], path
         for status, response in responses.items():
             response = _resolve(doc, response)
@@ -379,10 +461,14 @@ def test_warning_header_form_is_the_documented_one(conformance: str, doc: dict[s
         assert re.fullmatch(r"299 https?://\S+: \S.*", example["value"]), example
 
 
+def _modules() -> list[str]:
+    return sorted(str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py"))
+
+
 def error_codes() -> set[str]:
-    """Every ``error`` value the code can put in a JSON error body."""
+    """Every ``error`` value the code can put in a JSON error body (every module of the package)."""
     codes: set[str] = set()
-    for relative in ("problems.py", "app.py", "middleware.py", "dicomweb/qido.py"):
+    for relative in _modules():
         tree = _tree(relative)
         for node in ast.walk(tree):
             if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "HttpProblem":
@@ -402,18 +488,40 @@ def error_codes() -> set[str]:
 
 def test_every_error_code_is_documented(doc: dict[str, Any], conformance: str) -> None:
     codes = error_codes()
-    assert {"bad-request", "pacs-busy", "internal-error", "http-error", "too-broad"} <= codes, codes
+    assert {"bad-request", "pacs-busy", "internal-error", "http-error", "too-broad", "gateway-busy",
+            "pacs-service-not-supported", "pacs-failure"} <= codes, codes
     assert sorted(codes - set(doc["components"]["schemas"]["Error"]["properties"]["error"]["enum"])) == []
     for code in codes:
         assert f"`{code}`" in conformance, code
 
 
-def test_every_status_the_code_sets_is_a_search_response(doc: dict[str, Any]) -> None:
+def _helper_statuses() -> dict[str, int]:
+    """problems.py's helpers that return one fixed status: ``bad_request`` -> 400, ..."""
+    out = {}
+    for func in _tree("problems.py").body:
+        if isinstance(func, ast.FunctionDef):
+            returned = [n.value for n in ast.walk(func) if isinstance(n, ast.Return)]
+            call = returned[0] if len(returned) == 1 else None
+            if isinstance(call, ast.Call) and isinstance(call.func, ast.Name) and call.func.id == "HttpProblem":
+                first = call.args[0] if call.args else None
+                if isinstance(first, ast.Constant) and isinstance(first.value, int):
+                    out[func.name] = first.value
+    return out
+
+
+def statuses_set_in(*relatives: str) -> tuple[set[int], set[int]]:
+    """(statuses, statuses sent with Retry-After) of the HttpProblems built, directly or through a
+    fixed-status helper of problems.py, in these modules."""
+    helpers = _helper_statuses()
     statuses: set[int] = set()
     retry_after: set[int] = set()
-    for relative in ("problems.py", "dicomweb/qido.py"):
+    for relative in relatives:
         for node in ast.walk(_tree(relative)):
-            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "HttpProblem":
+            if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Name):
+                continue
+            if node.func.id in helpers:
+                statuses.add(helpers[node.func.id])
+            elif node.func.id == "HttpProblem":
                 first = node.args[0] if node.args else None
                 if isinstance(first, ast.Constant) and isinstance(first.value, int):
                     statuses.add(first.value)
@@ -422,11 +530,28 @@ def test_every_status_the_code_sets_is_a_search_response(doc: dict[str, Any]) ->
                             isinstance(x, ast.Constant) and x.value == "Retry-After" for x in k.value.keys
                         ):
                             retry_after.add(first.value)
+    return statuses, retry_after
+
+
+def test_every_status_the_code_sets_is_a_search_response(doc: dict[str, Any]) -> None:
+    statuses, retry_after = statuses_set_in("problems.py", "dicomweb/qido.py")
     assert {400, 502, 503, 504} <= statuses and retry_after == {503}
     documented: set[str] = set()
     for _path, _item, op in _search_operations(doc):
         documented |= set(op["responses"])
     assert sorted(str(s) for s in statuses if str(s) not in documented) == []
+
+
+def test_every_status_the_code_sets_is_a_retrieve_response(doc: dict[str, Any]) -> None:
+    # the retrieve lists its instances with qido.run_plan, so the fan-out's 413 is one of its statuses
+    wado_source = (PACKAGE / "dicomweb/wado.py").read_text(encoding="utf-8")
+    assert "run_plan" in wado_source
+    statuses, retry_after = statuses_set_in("problems.py", "app.py", "dicomweb/qido.py", "dicomweb/wado.py",
+                                            "dicomweb/negotiation.py")
+    assert {400, 403, 404, 406, 413, 502, 503, 504} <= statuses and retry_after == {503}
+    for path, _item, op in _retrieve_operations(doc):
+        missing = sorted(str(s) for s in statuses if str(s) not in op["responses"])
+        assert missing == [], path
 
 
 # ------------------------------------------------------------------------------------------------
@@ -485,6 +610,83 @@ def test_default_and_includefield_all_attributes_are_the_codes(conformance: str)
             defaults |= {kw(t) for t in attributes.SEQUENCE_DEFAULT_ITEMS.get(tag, ())}
         assert _keywords(cells[1]) == defaults, label
         assert _keywords(cells[2]) == {kw(t) for t in attributes.ALL_EXTRA[level]}, label
+
+
+def _uids(text: str) -> list[str]:
+    return re.findall(r"`(\d+(?:\.\d+)+)`", text)
+
+
+def _listed(values: Any) -> str:
+    return ", ".join(f"`{v}`" for v in values)
+
+
+def test_wado_defaults_stated_in_the_conformance_statement(conformance: str) -> None:
+    text = squash(conformance)
+    g = GatewaySettings()
+    assert f"`wado.stall_timeout` (default {WadoSettings().stall_timeout:g} s)" in text
+    assert f"`gateway.move_host`:`gateway.move_port` (default {g.move_host}:{g.move_port}" in text
+    for uid in (retrieve.STUDY_ROOT_GET, retrieve.STUDY_ROOT_MOVE):
+        assert uid in _chapter(conformance, "## 2. DIMSE networking") and uid in _chapter(conformance, "## 4. WADO-RS")
+
+
+def test_transfer_syntax_table_is_the_codes(conformance: str) -> None:
+    section = _section(conformance, "### 4.3")
+    rows = {}
+    for cells in _markdown_rows(section):
+        uids = _uids(cells[1]) if len(cells) == 5 else []
+        if uids:
+            rows[uids[0]] = cells
+    expected = set(negotiation.SUPPORTED_TRANSFER_SYNTAXES) | set(transcode.PRODUCIBLE)
+    assert set(rows) == expected
+    for uid, (_name, _uid, named, produced, read) in rows.items():
+        assert named.startswith("yes") == (uid in negotiation.SUPPORTED_TRANSFER_SYNTAXES), uid
+        row = transcode.PRODUCIBLE.get(uid)
+        assert produced.startswith("yes") == (row is not None and row.encoder != ""), uid
+        assert read.startswith("yes") == (row is not None and row.decoder != ""), uid
+        if row is not None and row.lossy == "always":
+            assert "always lossy" in produced, uid
+        if row is not None and row.lossy == "if allowed":
+            assert "when lossy is allowed" in produced and "otherwise" in produced, uid
+    for uid in negotiation.NEVER_ON_THE_WEB:
+        assert rows[uid][2].startswith("no (ignored") and rows[uid][3].startswith("no, never sent"), uid
+    assert negotiation.EXPLICIT_VR_LE in rows and "(the default)" in rows[negotiation.EXPLICIT_VR_LE][2]
+    text = squash(section)
+    assert _listed(transcode.PASS_THROUGH_SYNTAXES) in text, "the stored forms proposed for transfer-syntax=*"
+    assert f"NEAR={transcode.JPEG_LS_NEAR}" in text and f"{transcode.JPEG_2000_RATIO:g}:1" in text
+    assert f"quality {transcode.JPEG_BASELINE_QUALITY}" in text
+    assert "even when the client ranked it below another syntax" in text
+    assert "The SOP Instance UID is kept" in squash(conformance)
+
+
+def test_storage_contexts_are_the_codes(conformance: str) -> None:
+    section = _section(conformance, "### 4.5")
+    listed = [u for cells in _markdown_rows(section) if len(cells) == 2 for u in _uids(cells[1])]
+    assert sorted(listed) == sorted(CURATED_STORAGE_CLASSES) and len(set(listed)) == len(listed)
+    text = squash(section)
+    assert f"{len(CURATED_STORAGE_CLASSES)} classes" in text
+    assert f"PS3.8 allows {retrieve.MAX_CONTEXTS} per association" in text
+    assert f"do not fit in {retrieve.MAX_CONTEXTS - 1} contexts" in text
+    assert f"More than {retrieve.MAX_CONTEXTS - 1} storage classes" in text
+    assert "SCU role no, SCP role yes" in text
+
+
+def _receiver_limits() -> dict[str, Any]:
+    """The receiver's fixed limits (read without building it)."""
+    return {
+        "max_pdu": inspect.signature(receiver.MoveReceiver).parameters["max_pdu"].default,
+        "maximum_associations": receiver.MAX_INBOUND,
+    }
+
+
+def test_move_receiver_is_the_codes(conformance: str) -> None:
+    section = squash(_section(conformance, "### 4.6"))
+    limits = _receiver_limits()
+    assert f"At most **{limits['maximum_associations']}** associations in at once" in section
+    assert f"Maximum PDU received: **{limits['max_pdu']}** bytes" in section
+    assert f"at most {limits['maximum_associations']} at once" in squash(_chapter(conformance, "## 2. DIMSE"))
+    assert _listed(receiver.RECEIVE_SYNTAXES) in section, "the receiver's transfer syntaxes, in order"
+    assert f"refused with `{receiver.REFUSED:04X}`" in section
+    assert "Move Originator Message ID" in section
 
 
 # ------------------------------------------------------------------------------------------------
