@@ -130,13 +130,13 @@ def _belongs(child: Dataset, parent: Dataset | None) -> bool:
     return True
 
 
-class _Counters:
+class SearchCounters:
     def __init__(self) -> None:
         self.ff01 = False
         self.unverified: set[str] = set()
 
 
-async def _collect(node: NodeClient, identifier: Dataset, limit: int, counters: _Counters) -> list[Dataset]:
+async def _collect(node: NodeClient, identifier: Dataset, limit: int, counters: SearchCounters) -> list[Dataset]:
     out = []
     async with aclosing(node.queries.find(identifier, model=STUDY_ROOT)) as matches:
         async for m in matches:
@@ -158,7 +158,7 @@ def _decode(m: Match) -> Dataset:
 
 
 async def run_plan(
-    node: NodeClient, plan: Plan, *, concurrency: int, max_parents: int, counters: _Counters
+    node: NodeClient, plan: Plan, *, concurrency: int, max_parents: int, counters: SearchCounters
 ) -> AsyncIterator[Dataset]:
     """Merged results in order: one C-FIND, or a fan-out from the first step down."""
 
@@ -297,7 +297,7 @@ async def search(request: Request, ctx: SearchContext, resource: Resource) -> Re
 
 
 async def _respond(ctx: SearchContext, plan: Plan, query: QidoQuery, media_type: str) -> Response:
-    counters = _Counters()
+    counters = SearchCounters()
     explicit_limit = query.limit is not None
     limit = min(query.limit, ctx.max_results) if query.limit is not None else ctx.max_results
     warnings = list(plan.warnings)
@@ -389,7 +389,7 @@ async def _respond(ctx: SearchContext, plan: Plan, query: QidoQuery, media_type:
     return response
 
 
-def _result_warnings(counters: _Counters) -> list[str]:
+def _result_warnings(counters: SearchCounters) -> list[str]:
     out = []
     if counters.unverified:
         out.append(

@@ -19,13 +19,14 @@ from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Sequence
 
+import anyio
 from pydicom.dataset import Dataset
 from starlette.requests import Request
 from starlette.responses import Response
 
 from gateway.dimse.errors import DimseError
 from gateway.dimse.node import NodeClient
-from gateway.dimse.retrieve import RetrieveOutcome, RetrieveRequest, _Done, _Failed
+from gateway.dimse.retrieve import RetrieveOutcome, RetrieveRequest, RetrieveDone, RetrieveFailed
 from gateway.dimse.ul import StoreRequest
 from gateway.middleware import StreamAborted
 from gateway.problems import HttpProblem, from_dimse, not_acceptable, not_found
@@ -35,7 +36,7 @@ from .attributes import Level
 from .negotiation import Choice, choose_instance_media, web_safe
 from .plan import SERIES_UID, SOP_UID, Resource, build_plan, post_filter
 from .query import parse_query
-from .qido import _Counters, run_plan
+from .qido import SearchCounters, run_plan
 from .streaming import StallGuardedResponse, closing, new_boundary, part_header
 
 log = logging.getLogger("gateway.wado")
@@ -59,6 +60,7 @@ class Part:
     sop_instance_uid: str
     payload: bytes | None
     problem: str | None = None  # why it could not be produced
+    transfer_syntax: str = ""
 
 
 async def list_instances(ctx: WadoContext, resource: Resource, sop_uid: str | None) -> list[tuple[str, str, str]]:
@@ -69,7 +71,7 @@ async def list_instances(ctx: WadoContext, resource: Resource, sop_uid: str | No
                       charset=ctx.node.settings.charset, defaults=False)
     out = []
     async with aclosing(run_plan(ctx.node, plan, concurrency=ctx.fanout_concurrency,
-                                 max_parents=ctx.fanout_max_parents, counters=_Counters())) as results:
+                                 max_parents=ctx.fanout_max_parents, counters=SearchCounters())) as results:
         async for ds in results:
             if not post_filter(ds, plan.post_filters).keep:
                 continue
@@ -117,13 +119,13 @@ class _Preparer:
     def _part(self, store: StoreRequest, ts: str, chunks: Sequence[bytes | memoryview]) -> Part:
         meta = transcode.file_meta_bytes(store.sop_class_uid, store.sop_instance_uid, ts)
         if self.boundary is None:
-            return Part(store.sop_instance_uid, b"".join((meta, *chunks)))
+            return Part(store.sop_instance_uid, b"".join((meta, *chunks)), transfer_syntax=ts)
         series = self.series_of.get(store.sop_instance_uid)
         location = (f"{self.base_url}/studies/{self.study_uid}/series/{series}/instances/{store.sop_instance_uid}"
                     if series else None)
         length = len(meta) + sum(len(c) for c in chunks)
         header = part_header(self.boundary, f"application/dicom; transfer-syntax={ts}", length, location)
-        return Part(store.sop_instance_uid, b"".join((header, meta, *chunks, b"\r\n")))
+        return Part(store.sop_instance_uid, b"".join((header, meta, *chunks, b"\r\n")), transfer_syntax=ts)
 
 
 async def retrieve(request: Request, ctx: WadoContext, level: Level, study: str, series: str | None,
@@ -144,18 +146,22 @@ async def retrieve(request: Request, ctx: WadoContext, level: Level, study: str,
     dimse_level = {Level.STUDY: "STUDY", Level.SERIES: "SERIES", Level.IMAGE: "IMAGE"}[level]
     retrieve_request = RetrieveRequest(
         dimse_level, study, series, sop, instances=instances,
-        transfer_syntaxes=[ts for ts in choice.transfer_syntaxes if ts != "*"] or _stored_forms(),
+        transfer_syntaxes=[ts for ts in choice.transfer_syntaxes if ts != "*"]
+        + (_stored_forms() if "*" in choice.transfer_syntaxes else []),
     )
     stream, cancel = ctx.node.retriever.start(retrieve_request, preparer, stall_timeout=ctx.stall_timeout)
 
     first: Any = None
     try:
         first = await stream.receive()
+    except anyio.EndOfStream:  # the retrieve ended without a word: only when this request was cancelled
+        cancel()
+        raise HttpProblem(503, "gateway-busy", "the retrieve was cancelled", headers={"Retry-After": "1"}) from None
     except BaseException:
         cancel()
         await stream.aclose()
         raise
-    if isinstance(first, (_Done, _Failed)):
+    if isinstance(first, (RetrieveDone, RetrieveFailed)):
         await stream.aclose()
         raise _problem_before_any_part(first, ctx)
     assert isinstance(first, Part)
@@ -175,14 +181,16 @@ async def retrieve(request: Request, ctx: WadoContext, level: Level, study: str,
             sent += 1
             async for item in stream:
                 if isinstance(item, Part):
+                    if boundary is None:
+                        raise _Abort("more than one instance for a single-part response")
                     if item.payload is None:
                         raise _Abort(f"an instance cannot be sent in an accepted transfer syntax ({item.problem})")
                     yield item.payload
                     sent += 1
-                elif isinstance(item, _Failed):
+                elif isinstance(item, RetrieveFailed):
                     outcome = item.outcome
                     raise _Abort(f"{type(item.error).__name__}: {item.error.message}")
-                elif isinstance(item, _Done):
+                elif isinstance(item, RetrieveDone):
                     outcome = item.outcome
                     break
             if outcome is None:
@@ -204,7 +212,7 @@ async def retrieve(request: Request, ctx: WadoContext, level: Level, study: str,
     if boundary is not None:
         media_type = f'multipart/related; type="application/dicom"; boundary={boundary}'
     else:
-        media_type = "application/dicom"
+        media_type = f"application/dicom; transfer-syntax={first.transfer_syntax}"
     return StallGuardedResponse(body(), stall_timeout=ctx.stall_timeout, media_type=media_type)
 
 
@@ -217,9 +225,9 @@ def _stored_forms() -> list[str]:
     return list(transcode.PASS_THROUGH_SYNTAXES)
 
 
-def _problem_before_any_part(item: _Done | _Failed, ctx: WadoContext) -> HttpProblem:
+def _problem_before_any_part(item: RetrieveDone | RetrieveFailed, ctx: WadoContext) -> HttpProblem:
     outcome = item.outcome
-    if isinstance(item, _Failed):
+    if isinstance(item, RetrieveFailed):
         return from_dimse(item.error)
     if outcome.rejected_classes:
         return HttpProblem(502, "pacs-service-not-supported",
@@ -229,4 +237,8 @@ def _problem_before_any_part(item: _Done | _Failed, ctx: WadoContext) -> HttpPro
         return HttpProblem(502, "pacs-failure", f"node {ctx.node.name!r} failed to send {outcome.failed} instance(s)")
     if outcome.consumer_gone:
         return HttpProblem(503, "gateway-busy", "the retrieve was cancelled", headers={"Retry-After": "1"})
+    if outcome.completed:
+        return HttpProblem(502, "pacs-failure",
+                           f"node {ctx.node.name!r} reports {outcome.completed} instance(s) sent, but none arrived: "
+                           "is the gateway registered at the PACS with the right host and port?")
     return not_found(f"node {ctx.node.name!r} sent no instance for this request")

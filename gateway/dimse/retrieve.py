@@ -99,12 +99,12 @@ class RetrieveOutcome:
 
 
 @dataclass(frozen=True)
-class _Done:
+class RetrieveDone:
     outcome: RetrieveOutcome
 
 
 @dataclass(frozen=True)
-class _Failed:
+class RetrieveFailed:
     error: DimseError
     outcome: RetrieveOutcome
 
@@ -193,7 +193,7 @@ class Retriever:
         buffer: int = 1,
     ) -> tuple[MemoryObjectReceiveStream[Any], Callable[[], None]]:
         """Start a retrieve in the pool's task group. The stream yields prepared instances, then one
-        ``_Done`` or ``_Failed`` item. Call the returned function to cancel (idempotent)."""
+        ``RetrieveDone`` or ``RetrieveFailed`` item. Call the returned function to cancel (idempotent)."""
         send, receive = anyio.create_memory_object_stream[Any](buffer)
         outcome = RetrieveOutcome(mode="get" if self.mode != "move" else "move")
         delivery = _Delivery(send, prepare, stall_timeout, outcome)
@@ -230,17 +230,17 @@ class _Job:
             try:
                 await self._run()
             except DimseError as exc:
-                await self._finish(_Failed(exc, self.outcome))
+                await self._finish(RetrieveFailed(exc, self.outcome))
             except Exception as exc:  # a bug: make sure the consumer is not left waiting
                 log.exception("retrieve failed")
-                await self._finish(_Failed(DimseError(self.r.pool.name, f"internal error: {type(exc).__name__}"),
+                await self._finish(RetrieveFailed(DimseError(self.r.pool.name, f"internal error: {type(exc).__name__}"),
                                            self.outcome))
             else:
-                await self._finish(_Done(self.outcome))
+                await self._finish(RetrieveDone(self.outcome))
             finally:
                 self.delivery.send.close()
 
-    async def _finish(self, item: _Done | _Failed) -> None:
+    async def _finish(self, item: RetrieveDone | RetrieveFailed) -> None:
         if self.outcome.consumer_gone:
             return
         try:
@@ -254,7 +254,9 @@ class _Job:
                 await self._get()
                 return
             except _FallBack as reason:
-                if self.r.mode == "get":
+                # C-MOVE takes over only before any instance was handed on, and never for a client
+                # that has gone
+                if self.r.mode == "get" or self.outcome.delivered or self._cancelled or self.outcome.consumer_gone:
                     raise reason.error from None
                 log.info("C-GET not possible on node %r (%s); falling back to C-MOVE", self.r.pool.name, reason.error.message)
                 self.outcome.mode = "move"
@@ -319,7 +321,8 @@ class _Job:
             assert final is not None
             self._count(final)
             status = int(final.get(STATUS, 0xFFFF))
-            if self.outcome.delivered == 0 and self.outcome.completed == 0 and _is_failure(status):
+            if self.outcome.delivered == 0 and self.outcome.completed == 0 and _is_failure(status) \
+                    and status != CANCELLED:
                 raise _FallBack(DimseStatusError(self.r.pool.name, f"C-GET failed with status 0x{status:04X}",
                                                  status=status))
         finally:
@@ -364,7 +367,16 @@ class _Job:
             self._active = (assoc, STUDY_ROOT_MOVE, msg_id)
         try:
             final = None
-            for response in assoc.move(self.request.identifier(), STUDY_ROOT_MOVE, msg_id, destination):
+            seen = -1
+
+            def progressing() -> bool:
+                """C-MOVE pending responses are optional: silence is fine while instances arrive."""
+                nonlocal seen
+                moved, seen = self.outcome.delivered != seen, self.outcome.delivered
+                return moved
+
+            for response in assoc.move(self.request.identifier(), STUDY_ROOT_MOVE, msg_id, destination,
+                                       on_idle=progressing):
                 final = response
             assert final is not None
             self._count(final)

@@ -248,13 +248,15 @@ class Association:
 
     # -- receiving ------------------------------------------------------------------------------
 
-    def _recv_into(self, view: memoryview, timeout: float) -> None:
+    def _recv_into(self, view: memoryview, timeout: float, on_idle: Callable[[], bool] | None = None) -> None:
         self.sock.settimeout(timeout)
         got = 0
         while got < len(view):
             try:
                 n = self.sock.recv_into(view[got:])
             except (TimeoutError, socket.timeout):
+                if on_idle is not None and got == 0 and on_idle():
+                    continue  # the caller sees progress elsewhere: keep waiting
                 self._lost(abort=True)
                 raise DimseTimeout(self.node, f"no answer from the PACS within {timeout:g} s", phase="dimse") from None
             except OSError as exc:
@@ -265,8 +267,8 @@ class Association:
                 raise ConnectionLost(self.node, "the PACS closed the connection")
             got += n
 
-    def _read_pdu(self, timeout: float) -> tuple[int, bytearray]:
-        self._recv_into(memoryview(self._header), timeout)
+    def _read_pdu(self, timeout: float, on_idle: Callable[[], bool] | None = None) -> tuple[int, bytearray]:
+        self._recv_into(memoryview(self._header), timeout, on_idle)
         pdu_type = self._header[0]
         (length,) = struct.unpack_from(">I", self._header, 2)
         if length > MAX_ACCEPTED_PDU:
@@ -276,15 +278,17 @@ class Association:
         self._recv_into(memoryview(body), timeout)
         return pdu_type, body
 
-    def receive_messages(self, timeout: float | None = None) -> Iterator[Message]:
-        """Yield DIMSE messages as they complete. Raises ConnectionLost on release/abort by the peer."""
+    def receive_messages(self, timeout: float | None = None,
+                         on_idle: Callable[[], bool] | None = None) -> Iterator[Message]:
+        """Yield DIMSE messages as they complete. Raises ConnectionLost on release/abort by the peer.
+        ``on_idle`` is asked after each ``timeout`` of silence between PDUs: True keeps waiting."""
         timeout = self.dimse_timeout if timeout is None else timeout
         command: bytearray | None = None
         data: list[memoryview] = []
         current: dict[int, Any] | None = None
         context_id = 0
         while True:
-            pdu_type, body = self._read_pdu(timeout)
+            pdu_type, body = self._read_pdu(timeout, on_idle)
             if pdu_type == 0x07:
                 self._lost()
                 raise ConnectionLost(self.node, "the PACS aborted the association")
@@ -425,13 +429,15 @@ class Association:
         final). The final response's data set, if any, is decoded into key ``"failed_uids"``."""
         yield from self._retrieve(C_GET_RQ, C_GET_RSP, identifier, model, msg_id, on_store, {})
 
-    def move(self, identifier: Dataset, model: str, msg_id: int, destination: str) -> Iterator[dict[int, Any]]:
+    def move(self, identifier: Dataset, model: str, msg_id: int, destination: str,
+             on_idle: Callable[[], bool] | None = None) -> Iterator[dict[int, Any]]:
         """Send C-MOVE-RQ to ``destination``; yield each C-MOVE-RSP command as for ``get``."""
         yield from self._retrieve(C_MOVE_RQ, C_MOVE_RSP, identifier, model, msg_id, None,
-                                  {MOVE_DESTINATION: destination})
+                                  {MOVE_DESTINATION: destination}, on_idle)
 
     def _retrieve(self, request: int, response: int, identifier: Dataset, model: str, msg_id: int,
-                  on_store: Callable[[StoreRequest], int] | None, extra: dict[int, Any]) -> Iterator[dict[int, Any]]:
+                  on_store: Callable[[StoreRequest], int] | None, extra: dict[int, Any],
+                  on_idle: Callable[[], bool] | None = None) -> Iterator[dict[int, Any]]:
         cx = self._context(model)
         ts = UID(cx.transfer_syntax)
         payload = encode_dataset(identifier, ts.is_implicit_VR, ts.is_little_endian, ts.is_deflated)
@@ -441,7 +447,7 @@ class Association:
             AFFECTED_SOP_CLASS: model, COMMAND_FIELD: request, MESSAGE_ID: msg_id, PRIORITY: 0,
             DATASET_TYPE: 0x0000, **extra,
         }), payload)
-        for message in self.receive_messages():
+        for message in self.receive_messages(on_idle=on_idle):
             if message.field == C_STORE_RQ and on_store is not None:
                 self._answer_store(message, on_store)
             elif message.field == response:

@@ -121,7 +121,8 @@ def test_single_part_instance(gateway: GatewayProcess, studies: list[Dataset]) -
     url = gateway.url("demo", f"/studies/{target.StudyInstanceUID}/series/{target.SeriesInstanceUID}"
                               f"/instances/{target.SOPInstanceUID}")
     r = httpx.get(url, headers={"Accept": "application/dicom"}, timeout=30)
-    assert r.status_code == 200 and r.headers["content-type"] == "application/dicom"
+    assert r.status_code == 200
+    assert r.headers["content-type"] == f"application/dicom; transfer-syntax={EXPLICIT}"
     assert_same_instance(pydicom.dcmread(io.BytesIO(r.content)), target)
     r = httpx.get(gateway.url("demo", f"/studies/{target.StudyInstanceUID}"), headers={"Accept": "application/dicom"})
     assert r.status_code == 406  # single part only for one instance
