@@ -42,7 +42,7 @@ import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Collection, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from io import BytesIO
 from types import TracebackType
@@ -304,6 +304,7 @@ class DemoPACS:
         self.response_delay = 0.0
         self.reject: str | None = None
         self.max_associations = 10
+        self.refused_storage_classes: set[str] = set()
 
         self._lock = threading.RLock()
         self._instances: dict[str, tuple[bytes, Dataset]] = {}
@@ -318,6 +319,7 @@ class DemoPACS:
 
         self._ae = _DemoAE(self)
         self._ae.maximum_pdu_size = 1024 * 1024
+        self._server: Any = None
 
     # -- lifecycle -------------------------------------------------------
 
@@ -341,9 +343,17 @@ class DemoPACS:
                 (evt.EVT_C_MOVE, self._on_move),
                 (evt.EVT_C_STORE, self._on_store),
             ],
-            contexts=_supported_contexts(),
+            contexts=_supported_contexts(self.refused_storage_classes),
         )
+        self._server = server
         self.port = cast(ThreadedAssociationServer, server).server_address[1]
+
+    def refuse_storage_classes(self, sop_classes: set[str]) -> None:
+        """Reject the storage contexts of these SOP classes on new associations (like a PACS that
+        cannot send them by C-GET); an empty set accepts them all again."""
+        self.refused_storage_classes = set(sop_classes)
+        if self._server is not None:
+            self._server.contexts = _supported_contexts(self.refused_storage_classes)
 
     def stop(self) -> None:
         """Stop listening, then abort the open associations, like a PACS that goes down.
@@ -595,11 +605,13 @@ class DemoPACS:
         return 0x0000
 
 
-def _supported_contexts() -> list[PresentationContext]:
+def _supported_contexts(refused: Collection[str] = ()) -> list[PresentationContext]:
     contexts = [build_context(Verification, list(_UNCOMPRESSED))]
     for sop_class in (*_FIND_MODELS, *_RETRIEVE_MODELS):
         contexts.append(build_context(sop_class, list(_UNCOMPRESSED)))
     for storage in AllStoragePresentationContexts:
+        if storage.abstract_syntax in refused:
+            continue
         context = build_context(cast(UID, storage.abstract_syntax), list(STORAGE_TRANSFER_SYNTAXES))
         # Accept either role, so C-GET requestors can act as Storage SCP.
         context.scu_role = True

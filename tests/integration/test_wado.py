@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import re
+import subprocess
 import threading
 from typing import Iterator
 
@@ -224,3 +225,30 @@ def test_client_disconnect_frees_associations_and_threads(gateway: GatewayProces
     assert wait_for(lambda: chaos.associations_current == 0, timeout=15), chaos.associations_current
     assert wait_for(lambda: threads() <= baseline, timeout=15), (threads(), baseline)
     assert chaos.associations_peak <= 2
+    assert wait_for(lambda: established_to(chaos.port) == 0, timeout=15), "TCP connections left open (ss)"
+
+
+def established_to(port: int) -> int:
+    """ESTABLISHED connections to ``port`` on this machine, as ss sees them."""
+    out = subprocess.run(["ss", "-Htn", "state", "established", f"( dport = :{port} )"], capture_output=True,
+                         text=True, check=True).stdout
+    return len([line for line in out.splitlines() if line.strip()])
+
+
+CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
+
+
+def test_refused_storage_contexts_are_a_502_or_a_move(gateway: GatewayProcess, chaos: DemoPACS, studies: list[Dataset]) -> None:
+    """The PACS refuses the CT storage context: C-GET cannot send the CT series. Reported as 502 on a
+    C-GET node; on a get-then-move node the gateway falls back to C-MOVE before anything was sent."""
+    target = next(d for d in studies if d.SeriesDescription == "Thorax 3.0 B70f")
+    chaos.refuse_storage_classes({CT_IMAGE})
+    path = f"/studies/{target.StudyInstanceUID}/series/{target.SeriesInstanceUID}"
+    r = httpx.get(gateway.url("chaos", path), timeout=60)
+    assert r.status_code == 502, r.text
+    assert r.json()["error"] == "pacs-service-not-supported"
+    assert "C-GET" in r.json()["message"] or CT_IMAGE in r.json()["message"]
+    r = httpx.get(gateway.url("chaos-gtm", path), timeout=60)
+    assert r.status_code == 200, r.text
+    got = {pydicom.dcmread(io.BytesIO(p)).SOPInstanceUID for _, p in parts(r)}
+    assert got == {d.SOPInstanceUID for d in studies if d.SeriesInstanceUID == target.SeriesInstanceUID}
