@@ -33,33 +33,34 @@ from typing import NamedTuple
 
 from gateway.problems import HttpProblem, bad_request, not_acceptable
 
+from .syntaxes import (  # noqa: F401  (re-exported: callers name them from here too)
+    IMPLICIT_VR_LE,
+    EXPLICIT_VR_LE,
+    DEFLATED_EXPLICIT_VR_LE,
+    EXPLICIT_VR_BE,
+    JPEG_BASELINE,
+    JPEG_EXTENDED,
+    JPEG_LOSSLESS,
+    JPEG_LOSSLESS_SV1,
+    JPEG_LS_LOSSLESS,
+    JPEG_LS_NEAR_LOSSLESS,
+    JPEG_2000_LOSSLESS,
+    JPEG_2000,
+    JPEG_2000_MC_LOSSLESS,
+    JPEG_2000_MC,
+    HTJ2K_LOSSLESS,
+    HTJ2K_LOSSLESS_RPCL,
+    HTJ2K,
+    RLE_LOSSLESS,
+    NEVER_ON_THE_WEB,
+    web_safe,
+)
+
 # ------------------------------------------------------------------------------------------------
 # Transfer syntaxes
 
-IMPLICIT_VR_LE = "1.2.840.10008.1.2"
-EXPLICIT_VR_LE = "1.2.840.10008.1.2.1"
-DEFLATED_EXPLICIT_VR_LE = "1.2.840.10008.1.2.1.99"
-EXPLICIT_VR_BE = "1.2.840.10008.1.2.2"
-JPEG_BASELINE = "1.2.840.10008.1.2.4.50"
-JPEG_EXTENDED = "1.2.840.10008.1.2.4.51"
-JPEG_LOSSLESS = "1.2.840.10008.1.2.4.57"
-JPEG_LOSSLESS_SV1 = "1.2.840.10008.1.2.4.70"
-JPEG_LS_LOSSLESS = "1.2.840.10008.1.2.4.80"
-JPEG_LS_NEAR_LOSSLESS = "1.2.840.10008.1.2.4.81"
-JPEG_2000_LOSSLESS = "1.2.840.10008.1.2.4.90"
-JPEG_2000 = "1.2.840.10008.1.2.4.91"
-JPEG_2000_MC_LOSSLESS = "1.2.840.10008.1.2.4.92"
-JPEG_2000_MC = "1.2.840.10008.1.2.4.93"
-HTJ2K_LOSSLESS = "1.2.840.10008.1.2.4.201"
-HTJ2K_LOSSLESS_RPCL = "1.2.840.10008.1.2.4.202"
-HTJ2K = "1.2.840.10008.1.2.4.203"
-RLE_LOSSLESS = "1.2.840.10008.1.2.5"
-
 ANY_TRANSFER_SYNTAX = "*"
 """The ``transfer-syntax=*`` marker: send as stored (8.7.3.5.2), but never a non-web syntax."""
-
-NEVER_ON_THE_WEB = frozenset({IMPLICIT_VR_LE, EXPLICIT_VR_BE})
-"""8.7.3 and 8.6.2.1: these two may not be used with web services."""
 
 PASS_THROUGH_ONLY = frozenset({JPEG_2000_MC_LOSSLESS, JPEG_2000_MC, HTJ2K_LOSSLESS, HTJ2K_LOSSLESS_RPCL, HTJ2K})
 """Sent only when the PACS already has them; the gateway does not encode these."""
@@ -109,10 +110,6 @@ def is_uid(value: str) -> bool:
     """A syntactically valid DICOM UID (PS3.5 9.1): digit components, no leading zeros, 64 chars at most."""
     return len(value) <= 64 and _UID.fullmatch(value) is not None
 
-
-def web_safe(ts_uid: str) -> bool:
-    """May data in this transfer syntax go out as is? No for Implicit VR LE and Explicit VR BE."""
-    return ts_uid not in NEVER_ON_THE_WEB
 
 
 def is_lossy(ts_uid: str) -> bool:
