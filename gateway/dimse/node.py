@@ -98,7 +98,8 @@ async def open_nodes(settings: Settings) -> AsyncIterator[Nodes]:
     receiver = None
     if settings.gateway.move_port and any(n.retrieve != "get" for n in settings.nodes):
         g = settings.gateway
-        receiver = MoveReceiver(g.ae_title, g.move_host, g.move_port)
+        receiver = MoveReceiver(g.ae_title, g.move_host, g.move_port,
+                                allowed_calling={n.ae_title for n in settings.nodes})
         await anyio.to_thread.run_sync(receiver.start)
     try:
         async with anyio.create_task_group() as tg:

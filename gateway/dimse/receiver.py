@@ -74,8 +74,11 @@ class _Move:
 class MoveReceiver:
     """Owns the storage SCP (on the gateway's own upper layer) and the table of moves in flight."""
 
-    def __init__(self, ae_title: str, host: str, port: int, max_pdu: int = 1 << 20) -> None:
+    def __init__(self, ae_title: str, host: str, port: int, max_pdu: int = 1 << 20,
+                 allowed_calling: set[str] | None = None) -> None:
+        """``allowed_calling``: the AE titles that may send (the configured nodes); None admits any."""
         self.ae_title = ae_title
+        self.allowed_calling = allowed_calling
         self.host = host
         self.port = port
         self.max_pdu = max_pdu
@@ -140,6 +143,7 @@ class MoveReceiver:
                 conn, node="move-receiver", ae_title=self.ae_title, supported=self._supported, max_pdu=self.max_pdu,
                 acse_timeout=10.0, dimse_timeout=IDLE_TIMEOUT, implementation_class_uid=IMPLEMENTATION_CLASS_UID,
                 implementation_version_name=IMPLEMENTATION_VERSION_NAME, busy=busy,
+                allowed_calling=self.allowed_calling,
             )
             assoc.serve_stores(self._on_store, IDLE_TIMEOUT)
         except Rejected as exc:

@@ -24,7 +24,7 @@ import ssl
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from io import BytesIO
 from typing import Any
@@ -673,7 +673,7 @@ class Rejected(Exception):
 def accept_association(
     sock: socket.socket, *, node: str, ae_title: str, supported: Sequence[PresentationContext], max_pdu: int,
     acse_timeout: float, dimse_timeout: float, implementation_class_uid: str, implementation_version_name: str,
-    busy: bool = False,
+    busy: bool = False, allowed_calling: Collection[str] | None = None,
 ) -> Association:
     """Negotiate as acceptor on a connected socket (blocking). Raises Rejected after answering with
     A-ASSOCIATE-RJ (wrong called AE title, or ``busy``), or a DimseError when the peer misbehaves."""
@@ -684,14 +684,21 @@ def accept_association(
     rq = A_ASSOCIATE_RQ()
     rq.decode(bytes(raw))
     request = rq.to_primitive()
-    if str(request.called_ae_title).strip() != ae_title.strip() or busy:
+    calling = str(request.calling_ae_title).strip()
+    reason = None
+    if busy:  # transient, by the service provider: local limit exceeded
+        reason, code = "busy", (0x02, 0x03, 0x02)
+    elif str(request.called_ae_title).strip() != ae_title.strip():  # permanent: called AE title not recognised
+        reason, code = "called AE title not recognised", (0x01, 0x01, 0x07)
+    elif allowed_calling is not None and calling not in allowed_calling:  # permanent: calling AE not recognised
+        reason, code = f"calling AE title {calling!r} is not a configured node", (0x01, 0x01, 0x03)
+    if reason is not None:
         rj = A_ASSOCIATE()
-        # called AE title not recognised: permanent, by the service user; too busy: transient, by the provider
-        rj.result, rj.result_source, rj.diagnostic = (0x02, 0x03, 0x02) if busy else (0x01, 0x01, 0x07)
+        rj.result, rj.result_source, rj.diagnostic = code
         pdu = A_ASSOCIATE_RJ()
         pdu.from_primitive(rj)
         sock.sendall(pdu.encode())
-        raise Rejected("busy" if busy else "called AE title not recognised")
+        raise Rejected(reason)
     roles: dict[str, tuple[bool, bool]] = {}
     peer_max = 0
     for item in request.user_information:
