@@ -252,3 +252,20 @@ def test_refused_storage_contexts_are_a_502_or_a_move(gateway: GatewayProcess, c
     assert r.status_code == 200, r.text
     got = {pydicom.dcmread(io.BytesIO(p)).SOPInstanceUID for _, p in parts(r)}
     assert got == {d.SOPInstanceUID for d in studies if d.SeriesInstanceUID == target.SeriesInstanceUID}
+
+
+def test_the_move_receiver_admits_only_configured_nodes(gateway: GatewayProcess, move_port: int) -> None:
+    from pynetdicom import AE
+    from pynetdicom.sop_class import CTImageStorage
+
+    for calling, admitted in (("STRANGER", False), ("ORTHANC", True)):
+        ae = AE(ae_title=calling)
+        ae.add_requested_context(CTImageStorage)
+        assoc = ae.associate("127.0.0.1", move_port, ae_title="DICOMWEB-GW")
+        try:
+            assert assoc.is_established is admitted, calling
+            assert assoc.is_rejected is (not admitted), calling
+        finally:
+            if assoc.is_established:
+                assoc.release()
+            ae.shutdown()
