@@ -266,6 +266,18 @@ class _Job:
 
     async def _get(self) -> None:
         proposals = storage_proposals(self.request)
+        try:
+            await self._get_all(proposals)
+        finally:
+            if self.outcome.failed and any(not c for _, _, c in self.request.instances):
+                log.warning(
+                    "node %r: %d C-GET sub-operation(s) failed (%d listed by UID). The PACS did not say which SOP "
+                    "classes the request covers, so the gateway proposed its curated list of %d storage classes: "
+                    "the failed instances are likely of a class outside that list (use C-MOVE for this node, or a "
+                    "PACS that returns SOPClassUID from C-FIND)", self.r.pool.name, self.outcome.failed,
+                    len(self.outcome.failed_uids), len(CURATED_STORAGE_CLASSES))
+
+    async def _get_all(self, proposals: list[Proposal]) -> None:
         for proposal, target in zip(proposals, self._targets(proposals)):
             if self._cancelled:
                 return
