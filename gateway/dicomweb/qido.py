@@ -13,8 +13,11 @@ Response policy:
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import re
+from collections.abc import Callable
+from dataclasses import dataclass
 from contextlib import aclosing
 from typing import AsyncIterator
 
@@ -24,7 +27,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from gateway.dimse.errors import DimseError
-from gateway.dimse.find import STUDY_ROOT, Match
+from gateway.dimse.find import STUDY_ROOT
 from gateway.dimse.node import NodeClient
 from gateway.middleware import StreamAborted
 from gateway.problems import HttpProblem, bad_request, from_dimse, not_acceptable
@@ -40,6 +43,7 @@ from .plan import (
     SPECIFIC_CHARACTER_SET,
     STUDY_UID,
     Plan,
+    FilterOutcome,
     Resource,
     build_plan,
     post_filter,
@@ -147,39 +151,55 @@ async def _collect(node: NodeClient, identifier: Dataset, limit: int, counters: 
                     f"the query matches more than {limit} entities at the {identifier.QueryRetrieveLevel} level, "
                     "which this PACS can only search one by one; add filters",
                 )
-            out.append(_decode(m))
+            out.append(m.identifier)  # raw: filters convert only what they read
     return out
 
 
-def _decode(m: Match) -> Dataset:
-    """The identifier, its elements left raw: only the ones a filter reads get converted, and the
-    JSON writer reads raw values directly with the identifier's own character set."""
-    return m.identifier
+@dataclass(frozen=True)
+class Found:
+    """One result: merged with its parents, checked against the post-filters, and (when the caller
+    gave an encoder) already encoded. Made in the DIMSE worker thread while the next match is on
+    its way, which keeps that CPU work off the event loop."""
+
+    dataset: Dataset
+    outcome: FilterOutcome
+    payload: bytes | None = None
 
 
 async def run_plan(
-    node: NodeClient, plan: Plan, *, concurrency: int, max_parents: int, counters: SearchCounters
-) -> AsyncIterator[Dataset]:
-    """Merged results in order: one C-FIND, or a fan-out from the first step down."""
+    node: NodeClient, plan: Plan, *, concurrency: int, max_parents: int, counters: SearchCounters,
+    encode: Callable[[Dataset], bytes] | None = None,
+) -> AsyncIterator[Found]:
+    """Results in order: one C-FIND, or a fan-out from the first step down."""
 
-    async def level(index: int, parent: Dataset | None) -> AsyncIterator[Dataset]:
+    def finish(parent: Dataset | None, child: Dataset) -> Found | None:
+        if not _belongs(child, parent):
+            return None
+        merged = _merge(child, parent)
+        outcome = post_filter(merged, plan.post_filters)
+        payload = encode(merged) if encode is not None and outcome.keep else None
+        return Found(merged, outcome, payload)
+
+    async def level(index: int, parent: Dataset | None) -> AsyncIterator[Found]:
         identifier = _step_identifier(plan, index, parent)
         if index == len(plan.steps) - 1:
-            async with aclosing(node.queries.find(identifier, model=STUDY_ROOT)) as matches:
+            prepare = functools.partial(finish, parent)
+            async with aclosing(node.queries.find(identifier, model=STUDY_ROOT, prepare=prepare)) as matches:
                 async for m in matches:
                     counters.ff01 |= m.status == 0xFF01
-                    child = _decode(m)
-                    if _belongs(child, parent):
-                        yield _merge(child, parent)
+                    if m.prepared is not None:
+                        yield m.prepared
             return
         found = await _collect(node, identifier, max_parents, counters)
         parents = [_merge(p, parent) for p in found if _belongs(p, parent)]
+        for p in parents:  # convert the UIDs children compare with now, before threads share parents
+            _uid(p, STUDY_UID), _uid(p, SERIES_UID)
         # Parents pre-filtered on their own level's keys cut the fan-out short.
         parents = [p for p in parents if post_filter(p, _filters_for_level(plan, index)).keep]
         if index + 1 == len(plan.steps) - 1 and concurrency > 1:
             for start in range(0, len(parents), concurrency):
                 window = parents[start : start + concurrency]
-                results: list[list[Dataset]] = [[] for _ in window]
+                results: list[list[Found]] = [[] for _ in window]
 
                 async def child(i: int, p: Dataset) -> None:
                     async with aclosing(level(index + 1, p)) as items:
@@ -304,16 +324,18 @@ async def _respond(ctx: SearchContext, plan: Plan, query: QidoQuery, media_type:
     if query.limit is not None and query.limit > ctx.max_results:
         warnings.append(f"The limit was lowered to the server's maximum of {ctx.max_results} results.")
 
-    results = run_plan(ctx.node, plan, concurrency=ctx.fanout_concurrency,
-                       max_parents=ctx.fanout_max_parents, counters=counters)
+    def encode(result: Dataset) -> bytes:
+        return dataset_to_json(shape(result, plan, ctx.base_url)).encode("utf-8")
 
-    async def filtered() -> AsyncIterator[Dataset]:
+    results = run_plan(ctx.node, plan, concurrency=ctx.fanout_concurrency,
+                       max_parents=ctx.fanout_max_parents, counters=counters, encode=encode)
+
+    async def filtered() -> AsyncIterator[Found]:
         skipped = 0
         async with aclosing(results) as items:
             async for item in items:
-                outcome = post_filter(item, plan.post_filters)
-                counters.unverified.update(outcome.unverified)
-                if not outcome.keep:
+                counters.unverified.update(item.outcome.unverified)
+                if not item.outcome.keep:
                     continue
                 if skipped < query.offset:
                     skipped += 1
@@ -321,7 +343,7 @@ async def _respond(ctx: SearchContext, plan: Plan, query: QidoQuery, media_type:
                 yield item
 
     stream = filtered()
-    held: list[Dataset] = []
+    held: list[Found] = []
     more = False
     finished = False
     try:
@@ -358,20 +380,17 @@ async def _respond(ctx: SearchContext, plan: Plan, query: QidoQuery, media_type:
         response.raw_headers += [(k.encode(), v.encode()) for k, v in headers]
         return response
 
-    def encode(item: Dataset) -> bytes:
-        return dataset_to_json(shape(item, plan, ctx.base_url)).encode("utf-8")
-
     async def body() -> AsyncIterator[bytes]:
         count = len(held)
         try:
             # held is never empty here: a search without matches was answered above
-            yield b"[" + b",".join(encode(item) for item in held)
+            yield b"[" + b",".join(item.payload or b"" for item in held)
             if not finished:
                 async for item in stream:
                     if count >= limit:
                         log.warning("search result passed max_results=%d without a limit; connection aborted", limit)
                         raise StreamAborted("max_results passed")
-                    yield b"," + encode(item)
+                    yield b"," + (item.payload or b"")
                     count += 1
             yield b"]"
         except DimseError as exc:

@@ -34,7 +34,7 @@ from gateway.problems import HttpProblem, from_dimse, not_acceptable, not_found
 from . import transcode
 from .attributes import Level
 from .negotiation import Choice, choose_instance_media, web_safe
-from .plan import SERIES_UID, SOP_UID, Resource, build_plan, post_filter
+from .plan import SERIES_UID, SOP_UID, Resource, build_plan
 from .query import parse_query
 from .qido import SearchCounters, run_plan
 from .streaming import StallGuardedResponse, closing, new_boundary, part_header
@@ -72,9 +72,10 @@ async def list_instances(ctx: WadoContext, resource: Resource, sop_uid: str | No
     out = []
     async with aclosing(run_plan(ctx.node, plan, concurrency=ctx.fanout_concurrency,
                                  max_parents=ctx.fanout_max_parents, counters=SearchCounters())) as results:
-        async for ds in results:
-            if not post_filter(ds, plan.post_filters).keep:
+        async for found in results:
+            if not found.outcome.keep:
                 continue
+            ds = found.dataset
             series, sop = _text(ds, SERIES_UID) or resource.series_uid or "", _text(ds, SOP_UID)
             if sop:
                 out.append((series, sop, _text(ds, SOP_CLASS)))

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import AsyncIterator
+from typing import Any, AsyncIterator
 
 import anyio
 from anyio.streams.memory import MemoryObjectSendStream
@@ -39,6 +40,7 @@ class Match:
 
     identifier: Dataset
     status: int
+    prepared: Any = None  # what the caller's ``prepare`` made of the identifier, in the DIMSE thread
 
 
 @dataclass(frozen=True)
@@ -56,8 +58,9 @@ class _FindJob:
 
     def __init__(
         self, pool: AssociationPool, pooled: PooledAssociation, identifier: Dataset, model: str,
-        send: MemoryObjectSendStream[Match | _Final | _Failed],
+        send: MemoryObjectSendStream[Match | _Final | _Failed], prepare: Callable[[Dataset], Any] | None = None,
     ) -> None:
+        self.prepare = prepare
         self.pool = pool
         self.pooled = pooled
         self.identifier = identifier
@@ -99,7 +102,8 @@ class _FindJob:
                 if status in PENDING:
                     self.matches += 1
                     if identifier is not None:
-                        self._deliver(Match(identifier, status))
+                        prepared = self.prepare(identifier) if self.prepare is not None else None
+                        self._deliver(Match(identifier, status, prepared))
                     continue
                 with self._lock:
                     self.finished = True
@@ -150,8 +154,12 @@ class FindService:
                 await anyio.sleep(delay)
         raise AssertionError("unreachable")
 
-    async def find(self, identifier: Dataset, *, model: str = STUDY_ROOT) -> AsyncIterator[Match]:
+    async def find(self, identifier: Dataset, *, model: str = STUDY_ROOT,
+                   prepare: Callable[[Dataset], Any] | None = None) -> AsyncIterator[Match]:
         """Yield each match as it arrives; raise a DimseError on failure.
+
+        ``prepare``, if given, runs on each identifier in the DIMSE worker thread, while the next
+        response is on its way, and its result rides along as ``Match.prepared``.
 
         Use with ``contextlib.aclosing`` (or run it to the end): closing the iterator early sends
         C-CANCEL. A failure before the first match is retried with backoff when it is a connection
@@ -167,7 +175,7 @@ class FindService:
                 await anyio.sleep(delays.pop(0))
                 continue
             send, receive = anyio.create_memory_object_stream[Match | _Final | _Failed](_BUFFER)
-            job = _FindJob(self.pool, pooled, identifier, model, send)
+            job = _FindJob(self.pool, pooled, identifier, model, send, prepare)
             try:
                 self.pool.spawn(_run_job, self.pool, pooled, job)
             except BaseException:
