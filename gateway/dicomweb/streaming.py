@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import time
 from typing import AsyncIterator
 
 import anyio
@@ -45,17 +46,31 @@ class StallGuardedResponse(StreamingResponse):
     async def stream_response(self, send: Send) -> None:
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
         iterator = self.body_iterator
+        state = {"sending": False, "since": time.monotonic(), "stalled": False}
+
+        async def watchdog(scope: anyio.CancelScope) -> None:
+            # one timer per response instead of a timeout around every chunk
+            while True:
+                await anyio.sleep(min(1.0, self.stall_timeout / 4))
+                if state["sending"] and time.monotonic() - state["since"] > self.stall_timeout:
+                    state["stalled"] = True
+                    scope.cancel()
+                    return
+
         try:
-            async for chunk in iterator:
-                try:
-                    with anyio.fail_after(self.stall_timeout):
-                        await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                except TimeoutError:
-                    log.warning("client took no data for %g s; treated as gone, response aborted", self.stall_timeout)
-                    raise StreamAborted("client stalled") from None
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(watchdog, tg.cancel_scope)
+                async for chunk in iterator:
+                    state["sending"], state["since"] = True, time.monotonic()
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                    state["sending"] = False
+                tg.cancel_scope.cancel()
         finally:
             aclose = getattr(iterator, "aclose", None)
             if aclose is not None:
                 with anyio.CancelScope(shield=True):
                     await aclose()  # its finally blocks cancel the retrieve behind it
+        if state["stalled"]:
+            log.warning("client took no data for %g s; treated as gone, response aborted", self.stall_timeout)
+            raise StreamAborted("client stalled")
         await send({"type": "http.response.body", "body": b"", "more_body": False})

@@ -65,6 +65,8 @@ class Part:
 
 async def list_instances(ctx: WadoContext, resource: Resource, sop_uid: str | None) -> list[tuple[str, str, str]]:
     """(series UID, SOP Instance UID, SOP Class UID) of every instance the retrieve covers."""
+    if resource.series_uid:
+        return await _list_series(ctx, resource.study_uid or "", resource.series_uid, sop_uid)
     query = parse_query("includefield=SOPClassUID" + (f"&SOPInstanceUID={sop_uid}" if sop_uid else ""))
     caps = await ctx.node.capabilities()
     plan = build_plan(resource, query, relational=caps.relational, fuzzy_accepted=False,
@@ -79,6 +81,30 @@ async def list_instances(ctx: WadoContext, resource: Resource, sop_uid: str | No
             series, sop = _text(ds, SERIES_UID) or resource.series_uid or "", _text(ds, SOP_UID)
             if sop:
                 out.append((series, sop, _text(ds, SOP_CLASS)))
+    return out
+
+
+async def _list_series(ctx: WadoContext, study: str, series: str, sop_uid: str | None) -> list[tuple[str, str, str]]:
+    """One IMAGE-level C-FIND (valid in hierarchical mode: both parent UIDs are given), each match
+    reduced to its three UIDs in the DIMSE thread: the listing before a series retrieve is on the
+    critical path to the first byte."""
+    identifier = Dataset()
+    identifier.QueryRetrieveLevel = "IMAGE"
+    identifier.StudyInstanceUID = study
+    identifier.SeriesInstanceUID = series
+    identifier.SOPInstanceUID = sop_uid or ""
+    identifier.SOPClassUID = ""
+
+    def uids(ds: Dataset) -> tuple[str, str, str]:
+        return _text(ds, SERIES_UID) or series, _text(ds, SOP_UID), _text(ds, SOP_CLASS)
+
+    out = []
+    async with aclosing(ctx.node.queries.find(identifier, prepare=uids)) as matches:
+        async for match in matches:
+            found_series, sop, sop_class = match.prepared
+            # a PACS may ignore a key it was given: keep only what was asked for
+            if sop and found_series == series and (sop_uid is None or sop == sop_uid):
+                out.append((series, sop, sop_class))
     return out
 
 
@@ -150,7 +176,8 @@ async def retrieve(request: Request, ctx: WadoContext, level: Level, study: str,
         transfer_syntaxes=[ts for ts in choice.transfer_syntaxes if ts != "*"]
         + (_stored_forms() if "*" in choice.transfer_syntaxes else []),
     )
-    stream, cancel = ctx.node.retriever.start(retrieve_request, preparer, stall_timeout=ctx.stall_timeout)
+    stream, cancel = ctx.node.retriever.start(retrieve_request, preparer, _part_size,
+                                              stall_timeout=ctx.stall_timeout)
 
     first: Any = None
     try:
@@ -160,15 +187,15 @@ async def retrieve(request: Request, ctx: WadoContext, level: Level, study: str,
         raise HttpProblem(503, "gateway-busy", "the retrieve was cancelled", headers={"Retry-After": "1"}) from None
     except BaseException:
         cancel()
-        await stream.aclose()
+        stream.close()
         raise
     if isinstance(first, (RetrieveDone, RetrieveFailed)):
-        await stream.aclose()
+        stream.close()
         raise _problem_before_any_part(first, ctx)
     assert isinstance(first, Part)
     if first.payload is None:
         cancel()
-        await stream.aclose()
+        stream.close()
         raise not_acceptable(f"instance cannot be sent in an accepted transfer syntax: {first.problem}")
 
     expected = {sop_ for _, sop_, _ in instances}
@@ -208,13 +235,17 @@ async def retrieve(request: Request, ctx: WadoContext, level: Level, study: str,
             raise StreamAborted(str(exc)) from None
         finally:
             cancel()
-            await stream.aclose()
+            stream.close()
 
     if boundary is not None:
         media_type = f'multipart/related; type="application/dicom"; boundary={boundary}'
     else:
         media_type = f"application/dicom; transfer-syntax={first.transfer_syntax}"
     return StallGuardedResponse(body(), stall_timeout=ctx.stall_timeout, media_type=media_type)
+
+
+def _part_size(part: Part) -> int:
+    return len(part.payload) if part.payload is not None else 0
 
 
 class _Abort(Exception):

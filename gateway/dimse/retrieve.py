@@ -15,16 +15,16 @@ before its first sub-operation).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 import anyio
-import anyio.lowlevel
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
@@ -109,26 +109,120 @@ class RetrieveFailed:
     outcome: RetrieveOutcome
 
 
-class _Delivery(Generic[T]):
-    """Hands prepared instances from DIMSE threads to the event loop, bounded, with a stall timeout."""
+class Handoff:
+    """Prepared instances from DIMSE threads to the event loop, bounded in bytes.
 
-    def __init__(self, send: MemoryObjectSendStream[Any], prepare: Callable[[StoreRequest], T], stall_timeout: float,
-                 outcome: RetrieveOutcome) -> None:
-        self.send = send
-        self.prepare = prepare
+    A producer thread queues an instance and answers its C-STORE at once, so receiving the next
+    instance overlaps with writing this one to the client; it blocks only while ``budget`` bytes
+    are queued, and a consumer that takes nothing for ``stall_timeout`` is treated as gone. The
+    event loop is woken only when it waits for more, and takes everything queued at each wake-up.
+    """
+
+    def __init__(self, budget: int, stall_timeout: float) -> None:
+        self.budget = budget
         self.stall_timeout = stall_timeout
+        self._cond = threading.Condition()
+        self._items: deque[tuple[Any, int]] = deque()
+        self._queued = 0
+        self._ended = False
+        self._gone = False
+        self._waiting = False
+        self._loop = asyncio.get_running_loop()
+        self._event = asyncio.Event()
+        self._taken: deque[Any] = deque()
+
+    # -- producer side (any thread) -----------------------------------------------------------
+
+    def put(self, item: Any, size: int) -> bool:
+        """Queue ``item``; False when the consumer is gone or stalled past the stall timeout."""
+        deadline = time.monotonic() + self.stall_timeout
+        with self._cond:
+            while not self._gone and self._queued and self._queued + size > self.budget:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    self._gone = True
+                    raise _Stalled()
+                self._cond.wait(remaining)
+            if self._gone:
+                return False
+            self._items.append((item, size))
+            self._queued += size
+            wake, self._waiting = self._waiting, False
+        if wake:
+            self._loop.call_soon_threadsafe(self._event.set)
+        return True
+
+    def end(self, item: Any) -> None:
+        """Queue the final item and close; safe from any thread."""
+        with self._cond:
+            if not self._gone:
+                self._items.append((item, 0))
+            self._ended = True
+            wake, self._waiting = self._waiting, False
+        if wake:
+            self._loop.call_soon_threadsafe(self._event.set)
+
+    # -- consumer side (the event loop) ---------------------------------------------------------
+
+    async def receive(self) -> Any:
+        """The next item; raises anyio.EndOfStream when the producers ended and all was taken."""
+        while not self._taken:
+            with self._cond:
+                if self._items:
+                    self._taken.extend(item for item, _ in self._items)
+                    self._items.clear()
+                    self._queued = 0
+                    self._cond.notify_all()
+                    break
+                if self._ended or self._gone:
+                    raise anyio.EndOfStream
+                self._waiting = True
+                self._event.clear()
+            await self._event.wait()
+        return self._taken.popleft()
+
+    def __aiter__(self) -> "Handoff":
+        return self
+
+    async def __anext__(self) -> Any:
+        try:
+            return await self.receive()
+        except anyio.EndOfStream:
+            raise StopAsyncIteration from None
+
+    def close(self) -> None:
+        """The consumer is gone: producers stop at once."""
+        with self._cond:
+            self._gone = True
+            self._items.clear()
+            self._queued = 0
+            self._cond.notify_all()
+
+    @property
+    def gone(self) -> bool:
+        return self._gone
+
+
+class _Stalled(Exception):
+    pass
+
+
+class _Delivery(Generic[T]):
+    """Prepares each received instance (in the DIMSE thread) and hands it over."""
+
+    def __init__(self, handoff: Handoff, prepare: Callable[[StoreRequest], T], size: Callable[[T], int],
+                 outcome: RetrieveOutcome) -> None:
+        self.handoff = handoff
+        self.prepare = prepare
+        self.size = size
         self.outcome = outcome
-        self.token = anyio.lowlevel.current_token()
         self.lock = threading.Lock()
         self.on_gone: Callable[[], None] = lambda: None
 
-    async def _send(self, item: Any) -> None:
-        with anyio.fail_after(self.stall_timeout):
-            await self.send.send(item)
-
     def deliver(self, request: StoreRequest) -> int:
-        """Prepare and hand on one instance (blocking); the C-STORE status to answer."""
-        if self.outcome.consumer_gone:
+        """Prepare and hand on one instance; the C-STORE status to answer."""
+        if self.handoff.gone:
+            self._gone()
             return OUT_OF_RESOURCES
         try:
             item = self.prepare(request)
@@ -136,12 +230,11 @@ class _Delivery(Generic[T]):
             log.exception("preparing a retrieved instance failed")
             return 0xC000
         try:
-            anyio.from_thread.run(self._send, item, token=self.token)
-        except TimeoutError:
+            accepted = self.handoff.put(item, self.size(item))
+        except _Stalled:
             self.outcome.stalled = True
-            self._gone()
-            return OUT_OF_RESOURCES
-        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+            accepted = False
+        if not accepted:
             self._gone()
             return OUT_OF_RESOURCES
         with self.lock:
@@ -189,17 +282,19 @@ class Retriever:
         self.calling_ae = calling_ae
 
     def start(
-        self, request: RetrieveRequest, prepare: Callable[[StoreRequest], T], *, stall_timeout: float,
-        buffer: int = 1,
-    ) -> tuple[MemoryObjectReceiveStream[Any], Callable[[], None]]:
-        """Start a retrieve in the pool's task group. The stream yields prepared instances, then one
-        ``RetrieveDone`` or ``RetrieveFailed`` item. Call the returned function to cancel (idempotent)."""
-        send, receive = anyio.create_memory_object_stream[Any](buffer)
+        self, request: RetrieveRequest, prepare: Callable[[StoreRequest], T], size: Callable[[T], int], *,
+        stall_timeout: float, budget: int = 16 << 20,
+    ) -> tuple[Handoff, Callable[[], None]]:
+        """Start a retrieve in the pool's task group (call from the event loop). The hand-off yields
+        prepared instances, then one ``RetrieveDone`` or ``RetrieveFailed`` item; ``size`` tells the
+        bytes each prepared instance holds, for the ``budget``. The returned function cancels
+        (idempotent); close the hand-off when the consumer goes away."""
+        handoff = Handoff(budget, stall_timeout)
         outcome = RetrieveOutcome(mode="get" if self.mode != "move" else "move")
-        delivery = _Delivery(send, prepare, stall_timeout, outcome)
+        delivery = _Delivery(handoff, prepare, size, outcome)
         job = _Job(self, request, delivery)
         self.pool.spawn(job.run)
-        return receive, job.cancel
+        return handoff, job.cancel
 
 
 class _Job:
@@ -237,16 +332,9 @@ class _Job:
                                            self.outcome))
             else:
                 await self._finish(RetrieveDone(self.outcome))
-            finally:
-                self.delivery.send.close()
 
     async def _finish(self, item: RetrieveDone | RetrieveFailed) -> None:
-        if self.outcome.consumer_gone:
-            return
-        try:
-            await self.delivery.send.send(item)
-        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-            pass
+        self.delivery.handoff.end(item)
 
     async def _run(self) -> None:
         if self.r.mode in ("get", "get-then-move"):

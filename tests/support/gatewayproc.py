@@ -30,7 +30,7 @@ def _toml_value(value: Any) -> str:
 
 def to_toml(settings: dict[str, Any]) -> str:
     lines: list[str] = []
-    for section in ("server", "gateway", "qido"):
+    for section in (k for k in settings if k != "nodes"):
         if section in settings:
             lines.append(f"[{section}]")
             lines += [f"{k} = {_toml_value(v)}" for k, v in settings[section].items()]
