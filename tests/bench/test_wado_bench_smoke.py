@@ -34,6 +34,7 @@ def _finite(value: object) -> bool:
 
 @pytest.mark.bench
 @pytest.mark.orthanc
+@pytest.mark.dcmtk
 def test_wado_benchmark_smoke(tmp_path: Path) -> None:
     require_binary(ORTHANC_BINARY, "Orthanc (Debian package orthanc)")
     require_binary(ORTHANC_DICOMWEB_PLUGIN, "Orthanc's DICOMweb plugin (Debian package orthanc-dicomweb)")
@@ -89,7 +90,8 @@ def test_wado_benchmark_smoke(tmp_path: Path) -> None:
                      "gw_move_vs_getscu", "gw_move_vs_pynetdicom", "gw_move_vs_orthanc_wado"):
             assert _finite(ratio[name]) and ratio[name] > 0, (target, name, ratio[name])
     for target, first in report["first_part"].items():
-        for name in ("ttfb_ms", "listing_ul_ms", "listing_pynetdicom_ms", "ttfb_minus_listing_ms"):
+        for name in ("ttfb_ms", "listing_gateway_code_ms", "listing_ul_ms", "listing_pynetdicom_ms",
+                     "ttfb_minus_listing_ms", "dimse_first_store_ms", "first_store_to_first_part_upper_bound_ms"):
             assert _finite(first[name]), (target, name, first[name])
     slow = report["slow_client"]
     assert slow["error"] is None and slow["within_bound"], slow
