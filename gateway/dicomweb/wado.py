@@ -4,7 +4,7 @@
 2. An IMAGE-level C-FIND lists the instances and their SOP classes: 404 when there are none; the
    SOP classes decide the C-GET storage contexts; the UIDs are what completeness is checked against.
 3. The retrieve starts; each instance is prepared in the DIMSE thread (transcoded if the client did
-   not accept what the PACS sent, given its file meta, framed as a part: one copy of its bytes) and
+   not accept what the PACS sent, given its file meta, framed as a part, in writes of a few MB) and
    handed over through a bounded stream.
 4. The response headers wait for the first part or the final status, so 404, 406, 502 and 504
    stay possible. After that, a failure or an incomplete retrieve aborts the connection: no closing
@@ -55,10 +55,10 @@ class WadoContext:
 
 @dataclass
 class Part:
-    """A prepared instance: ``payload`` is what goes on the wire for it."""
+    """A prepared instance: ``payload`` is what goes on the wire for it, in writes of a few MB."""
 
     sop_instance_uid: str
-    payload: bytes | None
+    payload: list[bytes | memoryview] | None
     problem: str | None = None  # why it could not be produced
     transfer_syntax: str = ""
 
@@ -108,6 +108,27 @@ async def _list_series(ctx: WadoContext, study: str, series: str, sop_uid: str |
     return out
 
 
+WRITE_SIZE = 4 << 20
+
+
+def _coalesce(buffers: Sequence[bytes | memoryview]) -> list[bytes | memoryview]:
+    """Join the PDU fragments into writes of about ``WRITE_SIZE``: one write per typical instance
+    (each write costs a trip through the server), while a large multi-frame instance is never
+    copied whole."""
+    out: list[bytes | memoryview] = []
+    group: list[bytes | memoryview] = []
+    size = 0
+    for buffer in buffers:
+        group.append(buffer)
+        size += len(buffer)
+        if size >= WRITE_SIZE:
+            out.append(b"".join(group))
+            group, size = [], 0
+    if group:
+        out.append(b"".join(group))
+    return out
+
+
 def _text(ds: Dataset, tag: int) -> str:
     if tag in ds and ds[tag].value:
         value = ds[tag].value
@@ -134,7 +155,7 @@ class _Preparer:
         source = store.transfer_syntax
         accepted = self.choice.transfer_syntaxes
         if source in accepted or ("*" in accepted and web_safe(source)):
-            # as received: the data set bytes are copied once, into the part
+            # as received: no transcoding
             return self._part(store, source, store.chunks)
         try:
             converted, target = transcode.convert_to_first(b"".join(store.chunks), source, list(accepted),
@@ -146,13 +167,13 @@ class _Preparer:
     def _part(self, store: StoreRequest, ts: str, chunks: Sequence[bytes | memoryview]) -> Part:
         meta = transcode.file_meta_bytes(store.sop_class_uid, store.sop_instance_uid, ts)
         if self.boundary is None:
-            return Part(store.sop_instance_uid, b"".join((meta, *chunks)), transfer_syntax=ts)
+            return Part(store.sop_instance_uid, _coalesce([meta, *chunks]), transfer_syntax=ts)
         series = self.series_of.get(store.sop_instance_uid)
         location = (f"{self.base_url}/studies/{self.study_uid}/series/{series}/instances/{store.sop_instance_uid}"
                     if series else None)
         length = len(meta) + sum(len(c) for c in chunks)
         header = part_header(self.boundary, f"application/dicom; transfer-syntax={ts}", length, location)
-        return Part(store.sop_instance_uid, b"".join((header, meta, *chunks, b"\r\n")), transfer_syntax=ts)
+        return Part(store.sop_instance_uid, _coalesce([header + meta, *chunks, b"\r\n"]), transfer_syntax=ts)
 
 
 async def retrieve(request: Request, ctx: WadoContext, level: Level, study: str, series: str | None,
@@ -205,7 +226,8 @@ async def retrieve(request: Request, ctx: WadoContext, level: Level, study: str,
         outcome: RetrieveOutcome | None = None
         try:
             assert first.payload is not None
-            yield first.payload
+            for buffer in first.payload:
+                yield buffer
             sent += 1
             async for item in stream:
                 if isinstance(item, Part):
@@ -213,7 +235,8 @@ async def retrieve(request: Request, ctx: WadoContext, level: Level, study: str,
                         raise _Abort("more than one instance for a single-part response")
                     if item.payload is None:
                         raise _Abort(f"an instance cannot be sent in an accepted transfer syntax ({item.problem})")
-                    yield item.payload
+                    for buffer in item.payload:
+                        yield buffer
                     sent += 1
                 elif isinstance(item, RetrieveFailed):
                     outcome = item.outcome
@@ -245,7 +268,7 @@ async def retrieve(request: Request, ctx: WadoContext, level: Level, study: str,
 
 
 def _part_size(part: Part) -> int:
-    return len(part.payload) if part.payload is not None else 0
+    return sum(len(b) for b in part.payload) if part.payload is not None else 0
 
 
 class _Abort(Exception):
