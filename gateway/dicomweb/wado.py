@@ -112,9 +112,11 @@ WRITE_SIZE = 4 << 20
 
 
 def _coalesce(buffers: Sequence[bytes | memoryview]) -> list[bytes | memoryview]:
-    """Join the PDU fragments into writes of about ``WRITE_SIZE``: one write per typical instance
-    (each write costs a trip through the server), while a large multi-frame instance is never
-    copied whole."""
+    """A typical instance becomes one write (each write costs a trip through the server); a large
+    one (a multi-frame of hundreds of MB) goes out as the fragments it arrived in, never copied, so
+    it is in memory once."""
+    if sum(len(b) for b in buffers) > 2 * WRITE_SIZE:
+        return list(buffers)
     out: list[bytes | memoryview] = []
     group: list[bytes | memoryview] = []
     size = 0
