@@ -84,6 +84,7 @@ def chaos(chaos_pacs: DemoPACS) -> Iterator[DemoPACS]:
         chaos_pacs.silently_ignored_keys = set()
         chaos_pacs.relational = True
         chaos_pacs.refuse_storage_classes(set())
+        chaos_pacs.omit_move_originator = False
         chaos_pacs.reset_counters()
 
     reset()
@@ -135,6 +136,7 @@ def gateway(
             node("chaos", "CHAOS-PACS", chaos_pacs.port, max_associations=2, acquire_timeout=1.0, retries=1,
                  idle_timeout=1.0, timeouts={"connect": 2.0, "acse": 2.0, "dimse": 2.0}),
             node("chaos-gtm", "CHAOS-PACS", chaos_pacs.port, retrieve="get-then-move", max_associations=2),
+            node("chaos-move", "CHAOS-PACS", chaos_pacs.port, retrieve="move", max_associations=2),
             node("victim", "VICTIM", victim_port, retries=1, timeouts={"connect": 2.0, "dimse": 5.0}),
             node("down", "NOBODY", free_port(), retries=1, timeouts={"connect": 2.0}),
         ],

@@ -254,7 +254,8 @@ def test_refused_storage_contexts_are_a_502_or_a_move(gateway: GatewayProcess, c
     assert got == {d.SOPInstanceUID for d in studies if d.SeriesInstanceUID == target.SeriesInstanceUID}
 
 
-def test_the_move_receiver_admits_only_configured_nodes(gateway: GatewayProcess, move_port: int) -> None:
+def test_the_move_receiver_admits_only_configured_nodes(gateway: GatewayProcess, move_port: int,
+                                                        studies: list[Dataset]) -> None:
     from pynetdicom import AE
     from pynetdicom.sop_class import CTImageStorage
 
@@ -265,7 +266,31 @@ def test_the_move_receiver_admits_only_configured_nodes(gateway: GatewayProcess,
         try:
             assert assoc.is_established is admitted, calling
             assert assoc.is_rejected is (not admitted), calling
+            if admitted:  # an instance no retrieve asked for is refused
+                ct = next(d for d in studies if d.Modality == "CT")
+                assert assoc.send_c_store(ct).Status == 0x0124
         finally:
             if assoc.is_established:
                 assoc.release()
             ae.shutdown()
+
+
+def test_moves_without_originator_ids_are_matched_by_uid(gateway: GatewayProcess, chaos: DemoPACS,
+                                                          studies: list[Dataset]) -> None:
+    """A PACS that omits Move Originator Message ID: two concurrent moves still get exactly their own."""
+    chaos.omit_move_originator = True
+    uids = sorted({d.StudyInstanceUID for d in studies})[:2]
+    results: dict[str, set[str]] = {}
+
+    def fetch(study: str) -> None:
+        r = httpx.get(gateway.url("chaos-move", f"/studies/{study}"), timeout=60)
+        assert r.status_code == 200, r.text
+        results[study] = {pydicom.dcmread(io.BytesIO(p)).SOPInstanceUID for _, p in parts(r)}
+
+    threads = [threading.Thread(target=fetch, args=(u,)) for u in uids]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for study in uids:
+        assert results[study] == {d.SOPInstanceUID for d in studies if d.StudyInstanceUID == study}

@@ -55,3 +55,29 @@ def test_slow_client_keeps_the_gateway_within_its_memory_bound(big_pacs: tuple[D
     assert received > 5 * bound, (received, bound)
     assert peak < bound, f"peak RSS {peak / MB:.0f} MB over the bound {bound / MB:.0f} MB"
     print(f"\nseries {received / MB:.0f} MB, gateway peak RSS {peak / MB:.0f} MB, bound {bound / MB:.0f} MB")
+
+
+def test_a_client_that_stops_reading_is_dropped_after_the_stall_timeout(
+    big_pacs: tuple[DemoPACS, str, str, int],
+) -> None:
+    """The client takes the first bytes and then nothing: after wado.stall_timeout the gateway
+    aborts the response and cancels the retrieve, before the PACS's own timeout could fire."""
+    pacs, study, series, _ = big_pacs
+    node = {"name": "big", "ae_title": "BIG-PACS", "host": "127.0.0.1", "port": pacs.port}
+    with GatewayProcess({"nodes": [node], "wado": {"stall_timeout": 2}}) as gw:
+        with httpx.Client(timeout=60) as client:
+            with client.stream("GET", gw.url(None, f"/studies/{study}/series/{series}")) as r:
+                assert r.status_code == 200
+                chunks = r.iter_raw(MB)
+                next(chunks)
+                time.sleep(8)  # well past the stall timeout
+                received = 0
+                with pytest.raises(httpx.HTTPError):
+                    for chunk in chunks:
+                        received += len(chunk)
+        assert received < SLICES * 512 * 512 * 2 // 2, "the whole series arrived: the stall went unnoticed"
+        deadline = time.monotonic() + 15
+        while pacs.associations_current and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert pacs.associations_current == 0
+        assert "treated as gone" in gw.log_text()
