@@ -264,7 +264,7 @@ def shape(result: Dataset, plan: Plan, base_url: str) -> Dataset:
 def _uid(ds: Dataset, tag: int) -> str | None:
     if tag in ds and ds[tag].value:
         value = ds[tag].value
-        return str(value[0] if isinstance(value, (list, tuple)) else value)
+        return str(value if isinstance(value, str) else value[0])  # the first of a MultiValue
     return None
 
 

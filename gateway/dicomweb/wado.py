@@ -41,6 +41,7 @@ from .streaming import StallGuardedResponse, closing, new_boundary, part_header
 
 log = logging.getLogger("gateway.wado")
 SOP_CLASS = 0x00080016
+SOP_CLASSES_IN_STUDY = 0x00080062
 
 
 @dataclass(frozen=True)
@@ -131,10 +132,55 @@ def _coalesce(buffers: Sequence[bytes | memoryview]) -> list[bytes | memoryview]
     return out
 
 
+async def _study_classes(ctx: WadoContext, study: str) -> list[str] | None:
+    """SOPClassesInStudy from a STUDY-level C-FIND: None when the study is not there, [] when the
+    PACS does not say (it is an optional key)."""
+    identifier = Dataset()
+    identifier.QueryRetrieveLevel = "STUDY"
+    identifier.StudyInstanceUID = study
+    identifier.add_new(SOP_CLASSES_IN_STUDY, "UI", None)
+
+    def classes(ds: Dataset) -> list[str]:
+        if SOP_CLASSES_IN_STUDY not in ds or not ds[SOP_CLASSES_IN_STUDY].value:
+            return []
+        value = ds[SOP_CLASSES_IN_STUDY].value
+        values = [value] if isinstance(value, str) else list(value)  # one value, or a MultiValue
+        return [str(v).strip() for v in values if str(v).strip()]
+
+    found: list[str] | None = None
+    async with aclosing(ctx.node.queries.find(identifier, prepare=classes)) as matches:
+        async for match in matches:
+            if _text(match.identifier, 0x0020000D) in ("", study):
+                found = sorted(set(found or []) | set(match.prepared))
+    return found
+
+
+class _Listing:
+    """The instance listing, run alongside a retrieve in the pool's task group."""
+
+    def __init__(self, ctx: WadoContext, resource: Resource, sop: str | None) -> None:
+        self.ctx, self.resource, self.sop = ctx, resource, sop
+        self.done = anyio.Event()
+        self.instances: list[tuple[str, str, str]] | None = None
+
+    async def run(self) -> None:
+        try:
+            self.instances = await list_instances(self.ctx, self.resource, self.sop)
+        except DimseError as exc:
+            log.warning("instance listing for completeness failed on node %r: %s", self.ctx.node.name, exc.message)
+        finally:
+            self.done.set()
+
+    async def result(self, timeout: float) -> list[tuple[str, str, str]] | None:
+        with anyio.move_on_after(timeout):
+            await self.done.wait()
+        return self.instances
+
+
 def _text(ds: Dataset, tag: int) -> str:
     if tag in ds and ds[tag].value:
         value = ds[tag].value
-        return str(value[0] if isinstance(value, (list, tuple)) else value).strip()
+        return str(value if isinstance(value, str) else value[0]).strip()  # the first of a MultiValue
     return ""
 
 
@@ -142,7 +188,8 @@ class _Preparer:
     """Runs in DIMSE threads: transcode if needed, add file meta, frame the part."""
 
     def __init__(self, choice: Choice, boundary: str | None, base_url: str, study_uid: str,
-                 series_of: dict[str, str]) -> None:
+                 series_of: dict[str, str], default_series: str | None = None) -> None:
+        self.default_series = default_series
         self.choice = choice
         self.boundary = boundary
         self.base_url = base_url
@@ -170,7 +217,7 @@ class _Preparer:
         meta = transcode.file_meta_bytes(store.sop_class_uid, store.sop_instance_uid, ts)
         if self.boundary is None:
             return Part(store.sop_instance_uid, _coalesce([meta, *chunks]), transfer_syntax=ts)
-        series = self.series_of.get(store.sop_instance_uid)
+        series = self.series_of.get(store.sop_instance_uid) or self.default_series
         location = (f"{self.base_url}/studies/{self.study_uid}/series/{series}/instances/{store.sop_instance_uid}"
                     if series else None)
         length = len(meta) + sum(len(c) for c in chunks)
@@ -184,15 +231,27 @@ async def retrieve(request: Request, ctx: WadoContext, level: Level, study: str,
     choice = choose_instance_media(request.headers.get("accept"), params, single_instance=level == Level.IMAGE,
                                    strict=ctx.strict_accept)
     resource = Resource(Level.IMAGE, study, series)
+    listing: _Listing | None = None
     try:
-        instances = await list_instances(ctx, resource, sop)
+        classes = await _study_classes(ctx, study) if series is not None and ctx.node.settings.retrieve == "get" else []
+        if classes is None:
+            instances = []
+        elif classes:
+            # The C-GET needs only the SOP classes: it starts now, and the instance listing that
+            # completeness is checked against runs alongside it instead of before the first byte.
+            instances = [("", "", c) for c in classes]
+            listing = _Listing(ctx, resource, sop)
+            ctx.node.pool.spawn(listing.run)
+        else:
+            instances = await list_instances(ctx, resource, sop)
     except DimseError as exc:
         raise from_dimse(exc) from None
     if not instances:
         raise not_found("no such " + {Level.STUDY: "study", Level.SERIES: "series", Level.IMAGE: "instance"}[level]
                         + " on node " + repr(ctx.node.name))
     boundary = new_boundary() if choice.multipart else None
-    preparer = _Preparer(choice, boundary, ctx.base_url, study, {sop_: series_ for series_, sop_, _ in instances})
+    preparer = _Preparer(choice, boundary, ctx.base_url, study, {sop_: series_ for series_, sop_, _ in instances},
+                         default_series=series)
     dimse_level = {Level.STUDY: "STUDY", Level.SERIES: "SERIES", Level.IMAGE: "IMAGE"}[level]
     retrieve_request = RetrieveRequest(
         dimse_level, study, series, sop, instances=instances,
@@ -248,6 +307,12 @@ async def retrieve(request: Request, ctx: WadoContext, level: Level, study: str,
                     break
             if outcome is None:
                 raise _Abort("the retrieve ended without a final status")
+            if listing is not None:
+                listed = await listing.result(timeout=ctx.stall_timeout)
+                if listed is None:
+                    raise _Abort("the instance listing to check completeness against failed")
+                expected.clear()
+                expected.update(sop_ for _, sop_, _ in listed)
             missing = expected - preparer.received
             if not outcome.complete or outcome.delivered < outcome.completed or missing:
                 raise _Abort(f"incomplete: status 0x{(outcome.status or 0):04X}, {outcome.completed} completed, "
