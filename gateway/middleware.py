@@ -96,8 +96,14 @@ class DropStreamAborted(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
-        while exc is not None:
-            if isinstance(exc, StreamAborted):
-                return False
-            exc = exc.__cause__ or exc.__context__ if not isinstance(exc, StreamAborted) else None
+        return exc is None or not _contains_abort(exc)
+
+
+def _contains_abort(exc: BaseException, depth: int = 0) -> bool:
+    """StreamAborted itself, as the cause or context of ``exc``, or inside an exception group."""
+    if isinstance(exc, StreamAborted):
         return True
+    if depth > 8:
+        return False
+    inner = [*getattr(exc, "exceptions", ()), exc.__cause__, exc.__context__]
+    return any(e is not None and _contains_abort(e, depth + 1) for e in inner)

@@ -57,19 +57,25 @@ class StallGuardedResponse(StreamingResponse):
                     scope.cancel()
                     return
 
+        aborted: StreamAborted | None = None
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(watchdog, tg.cancel_scope)
-                async for chunk in iterator:
-                    state["sending"], state["since"] = True, time.monotonic()
-                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                    state["sending"] = False
+                try:
+                    async for chunk in iterator:
+                        state["sending"], state["since"] = True, time.monotonic()
+                        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                        state["sending"] = False
+                except StreamAborted as exc:  # raised outside the task group, not inside an ExceptionGroup
+                    aborted = exc
                 tg.cancel_scope.cancel()
         finally:
             aclose = getattr(iterator, "aclose", None)
             if aclose is not None:
                 with anyio.CancelScope(shield=True):
                     await aclose()  # its finally blocks cancel the retrieve behind it
+        if aborted is not None:
+            raise aborted
         if state["stalled"]:
             log.warning("client took no data for %g s; treated as gone, response aborted", self.stall_timeout)
             raise StreamAborted("client stalled")

@@ -52,6 +52,7 @@ MAX_INBOUND = 64
 IDLE_TIMEOUT = 60.0
 
 REFUSED = 0x0124  # Refused: not authorized (no retrieve asked for this instance)
+OUT_OF_RESOURCES = 0xA700  # what a move whose client has gone answers
 
 StoreSink = Callable[[StoreRequest], int]
 
@@ -173,19 +174,28 @@ class MoveReceiver:
             move = self._moves.pop(msg_id, None)
         return move.received if move else set()
 
-    def _match(self, originator_id: int | None, sop_instance_uid: str) -> _Move | None:
+    def _candidates(self, originator_id: int | None, sop_instance_uid: str) -> list[_Move]:
+        """The moves that may take this instance, newest first."""
         with self._lock:
             if originator_id is not None:
                 move = self._moves.get(originator_id)
-                return move if move is not None and move.claims(sop_instance_uid) else None
-            return next((m for m in self._moves.values() if m.expected is not None and m.claims(sop_instance_uid)), None)
+                return [move] if move is not None and move.claims(sop_instance_uid) else []
+            return [m for m in reversed(self._moves.values()) if m.expected is not None and m.claims(sop_instance_uid)]
 
     def _on_store(self, store: StoreRequest) -> int:
-        move = self._match(store.move_originator_id, store.sop_instance_uid)
-        if move is None:
+        candidates = self._candidates(store.move_originator_id, store.sop_instance_uid)
+        if not candidates:
             self.refused += 1
             log.warning("refused a C-STORE that no retrieve in flight asked for")
             return REFUSED
-        with move.lock:
-            move.received.add(store.sop_instance_uid)
-        return move.sink(store)
+        status = REFUSED
+        for move in candidates:
+            with move.lock:
+                if store.sop_instance_uid in move.received:
+                    continue  # another thread gave it to this move meanwhile
+                move.received.add(store.sop_instance_uid)
+            status = move.sink(store)
+            if status != OUT_OF_RESOURCES:
+                return status
+            # that move's client has gone: matched by UID only, the instance may be another's too
+        return status

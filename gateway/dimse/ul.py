@@ -611,6 +611,17 @@ def open_association(
         raise
 
 
+def _wait_for_close(sock: socket.socket, timeout: float) -> None:
+    """After A-ASSOCIATE-RJ the requestor closes the connection (PS3.8 9.2); closing first could
+    reset it before the rejection is read."""
+    try:
+        sock.settimeout(min(timeout, 2.0))
+        while sock.recv(4096):
+            pass
+    except OSError:
+        pass
+
+
 def _read_raw_pdu(sock: socket.socket, node: str, timeout: float) -> tuple[int, bytearray]:
     header = bytearray(6)
     for buf in (header, None):
@@ -698,6 +709,7 @@ def accept_association(
         pdu = A_ASSOCIATE_RJ()
         pdu.from_primitive(rj)
         sock.sendall(pdu.encode())
+        _wait_for_close(sock, acse_timeout)
         raise Rejected(reason)
     roles: dict[str, tuple[bool, bool]] = {}
     peer_max = 0

@@ -154,3 +154,15 @@ def client() -> Iterator[httpx.Client]:
 
 def in_ci() -> bool:
     return os.environ.get("CI", "").lower() == "true"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator[None]:
+    """On a failure, attach the tail of the gateway's log to the report: the gateway runs in its own
+    process, and its side of the story is otherwise lost."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.when == "call" and report.failed:
+        gw = item.funcargs.get("gateway") if hasattr(item, "funcargs") else None
+        if isinstance(gw, GatewayProcess):
+            report.sections.append(("gateway log (tail)", gw.log_text()[-6000:]))
