@@ -251,8 +251,10 @@ class _DemoAE(AE):
         it is an empty string.
         """
         assoc = super().associate(*args, **kwargs)
+        send = _parked(assoc, assoc.send_c_store)
         if move_originator is not None:
-            assoc.send_c_store = _with_move_originator(assoc.send_c_store, move_originator)  # type: ignore[method-assign]
+            send = _with_move_originator(send, move_originator)
+        assoc.send_c_store = send  # type: ignore[method-assign]
         return assoc
 
 
@@ -628,6 +630,20 @@ def _set_tcp_nodelay(event: Event) -> None:
 
 def _sop_class(event: Event) -> UID:
     return cast(UID, event.request.AffectedSOPClassUID)
+
+
+def _parked(assoc: Association, send_c_store: Callable[..., Dataset]) -> Callable[..., Dataset]:
+    """Work around a pynetdicom 3.0.4 race on requestor associations: right after one operation
+    ends, the association thread may still count as paused while it is not, and then swallow the
+    next response if the peer answers fast (TCP_NODELAY, loopback) - here a C-STORE response from
+    the gateway's receiver, after which pynetdicom waits out its DIMSE timeout. Clearing the stale
+    flag makes send_c_store wait until the thread is really paused."""
+
+    def send(*args: Any, **kwargs: Any) -> Dataset:
+        assoc._is_paused = False
+        return send_c_store(*args, **kwargs)
+
+    return send
 
 
 def _with_move_originator(send_c_store: Callable[..., Dataset], originator: str) -> Callable[..., Dataset]:

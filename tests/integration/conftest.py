@@ -37,6 +37,24 @@ from tests.support.realpacs import (
 )
 
 GATEWAY_AE = "DICOMWEB-GW"
+
+
+def port_outside_ephemeral_range() -> int:
+    """A free port below Linux's ephemeral range (32768-60999), for a server the tests start and
+    stop again and again: a port from ``free_port()`` can meanwhile become the local port of some
+    outgoing connection, and the next bind then fails."""
+    import random
+    import socket
+
+    for _ in range(200):
+        port = random.randint(20000, 32000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port below the ephemeral range")
 QUERY_NODES = ("demo", "demo-hier", "orthanc", "orthanc-rel", "dcmqrscp")
 
 
@@ -120,7 +138,7 @@ def gateway(
     def node(name: str, ae: str, port: int, **extra: object) -> dict[str, object]:
         return {"name": name, "ae_title": ae, "host": "127.0.0.1", "port": port, **extra}
 
-    victim_port = free_port()
+    victim_port = port_outside_ephemeral_range()
     settings = {
         "gateway": {"ae_title": GATEWAY_AE, "move_port": move_port},
         "qido": {"max_results": 100},
