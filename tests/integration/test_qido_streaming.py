@@ -70,5 +70,7 @@ def test_many_cancelled_queries_leave_no_thread_or_association_behind(gateway: G
     assert wait_for(lambda: chaos.cancels_received == 6), chaos.cancels_received
     assert chaos.associations_peak <= 2
     # idle associations are reaped after the node's 1 s idle timeout; their threads end with them
-    assert wait_for(lambda: threads() <= baseline, timeout=15), (threads(), baseline)
+    # idle associations hold no thread; anyio may keep one or two idle worker threads until its next
+    # job prunes them, while a leak would leave one per cancelled query (six here)
+    assert wait_for(lambda: threads() <= baseline + 2, timeout=15), (threads(), baseline)
     assert wait_for(lambda: chaos.associations_current == 0, timeout=15), chaos.associations_current

@@ -223,7 +223,9 @@ def test_client_disconnect_frees_associations_and_threads(gateway: GatewayProces
                 next(r.iter_raw())
     assert wait_for(lambda: chaos.cancels_received >= 3 or chaos.associations_current == 0, timeout=15)
     assert wait_for(lambda: chaos.associations_current == 0, timeout=15), chaos.associations_current
-    assert wait_for(lambda: threads() <= baseline, timeout=15), (threads(), baseline)
+    # anyio keeps a worker thread that went idle until the next job prunes it (after 10 s idle), so
+    # one or two may linger; a leak would leave one per cancelled retrieve, blocked for good
+    assert wait_for(lambda: threads() <= baseline + 2, timeout=15), (threads(), baseline)
     assert chaos.associations_peak <= 2
     assert wait_for(lambda: established_to(chaos.port) == 0, timeout=15), "TCP connections left open (ss)"
 
