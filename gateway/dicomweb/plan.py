@@ -324,6 +324,14 @@ def _output_tags(
 # Post-filtering: the gateway's own matching of results against the query.
 
 
+def first_value(ds: Dataset, tag: int) -> str | None:
+    """The first value of ``tag`` as text (the first of a MultiValue), or None when absent or empty."""
+    if tag in ds and ds[tag].value:
+        value = ds[tag].value
+        return str(value if isinstance(value, str) else value[0]).strip()
+    return None
+
+
 def _values_at(ds: Dataset, path: tuple[BaseTag, ...]) -> list[object] | None:
     """All values at ``path`` (through every sequence item); None when the attribute is absent."""
     if path[0] not in ds:

@@ -46,6 +46,7 @@ from .plan import (
     FilterOutcome,
     Resource,
     build_plan,
+    first_value,
     post_filter,
 )
 from .query import MatchKey, QidoQuery, QueryError, parse_query
@@ -128,7 +129,7 @@ def _belongs(child: Dataset, parent: Dataset | None) -> bool:
     if parent is None:
         return True
     for tag in (STUDY_UID, SERIES_UID):
-        theirs, ours = _uid(child, tag), _uid(parent, tag)
+        theirs, ours = first_value(child, tag), first_value(parent, tag)
         if theirs and ours and theirs != ours:
             return False
     return True
@@ -193,7 +194,7 @@ async def run_plan(
         found = await _collect(node, identifier, max_parents, counters)
         parents = [_merge(p, parent) for p in found if _belongs(p, parent)]
         for p in parents:  # convert the UIDs children compare with now, before threads share parents
-            _uid(p, STUDY_UID), _uid(p, SERIES_UID)
+            first_value(p, STUDY_UID), first_value(p, SERIES_UID)
         # Parents pre-filtered on their own level's keys cut the fan-out short.
         parents = [p for p in parents if post_filter(p, _filters_for_level(plan, index)).keep]
         if index + 1 == len(plan.steps) - 1 and concurrency > 1:
@@ -245,9 +246,9 @@ def shape(result: Dataset, plan: Plan, base_url: str) -> Dataset:
     for tag in (QUERY_RETRIEVE_LEVEL, RETRIEVE_AE_TITLE):
         if tag in out:
             del out[tag]
-    study = _uid(result, STUDY_UID) or plan.resource.study_uid
-    series = _uid(result, SERIES_UID) or plan.resource.series_uid
-    sop = _uid(result, SOP_UID)
+    study = first_value(result, STUDY_UID) or plan.resource.study_uid
+    series = first_value(result, SERIES_UID) or plan.resource.series_uid
+    sop = first_value(result, SOP_UID)
     level = plan.resource.level
     url = None
     if study:
@@ -259,13 +260,6 @@ def shape(result: Dataset, plan: Plan, base_url: str) -> Dataset:
     if url:
         out.add_new(RETRIEVE_URL, "UR", url)
     return out
-
-
-def _uid(ds: Dataset, tag: int) -> str | None:
-    if tag in ds and ds[tag].value:
-        value = ds[tag].value
-        return str(value if isinstance(value, str) else value[0])  # the first of a MultiValue
-    return None
 
 
 # ------------------------------------------------------------------------------------------------

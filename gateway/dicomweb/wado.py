@@ -34,7 +34,7 @@ from gateway.problems import HttpProblem, from_dimse, not_acceptable, not_found
 from . import transcode
 from .attributes import Level
 from .negotiation import Choice, choose_instance_media, web_safe
-from .plan import SERIES_UID, SOP_UID, Resource, build_plan
+from .plan import SERIES_UID, SOP_UID, Resource, build_plan, first_value
 from .query import parse_query
 from .qido import SearchCounters, run_plan
 from .streaming import StallGuardedResponse, closing, new_boundary, part_header
@@ -79,9 +79,10 @@ async def list_instances(ctx: WadoContext, resource: Resource, sop_uid: str | No
             if not found.outcome.keep:
                 continue
             ds = found.dataset
-            series, sop = _text(ds, SERIES_UID) or resource.series_uid or "", _text(ds, SOP_UID)
+            series = first_value(ds, SERIES_UID) or resource.series_uid or ""
+            sop = first_value(ds, SOP_UID) or ""
             if sop:
-                out.append((series, sop, _text(ds, SOP_CLASS)))
+                out.append((series, sop, first_value(ds, SOP_CLASS) or ""))
     return out
 
 
@@ -97,7 +98,7 @@ async def _list_series(ctx: WadoContext, study: str, series: str, sop_uid: str |
     identifier.SOPClassUID = ""
 
     def uids(ds: Dataset) -> tuple[str, str, str]:
-        return _text(ds, SERIES_UID) or series, _text(ds, SOP_UID), _text(ds, SOP_CLASS)
+        return first_value(ds, SERIES_UID) or series, first_value(ds, SOP_UID) or "", first_value(ds, SOP_CLASS) or ""
 
     out = []
     async with aclosing(ctx.node.queries.find(identifier, prepare=uids)) as matches:
@@ -150,7 +151,7 @@ async def _study_classes(ctx: WadoContext, study: str) -> list[str] | None:
     found: list[str] | None = None
     async with aclosing(ctx.node.queries.find(identifier, prepare=classes)) as matches:
         async for match in matches:
-            if _text(match.identifier, 0x0020000D) in ("", study):
+            if (first_value(match.identifier, 0x0020000D) or study) == study:
                 found = sorted(set(found or []) | set(match.prepared))
     return found
 
@@ -175,13 +176,6 @@ class _Listing:
         with anyio.move_on_after(timeout):
             await self.done.wait()
         return self.instances
-
-
-def _text(ds: Dataset, tag: int) -> str:
-    if tag in ds and ds[tag].value:
-        value = ds[tag].value
-        return str(value if isinstance(value, str) else value[0]).strip()  # the first of a MultiValue
-    return ""
 
 
 class _Preparer:

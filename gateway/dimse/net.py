@@ -1,20 +1,17 @@
 """Process-wide pynetdicom settings, socket options, and how to reach a PACS.
 
-The gateway's own outgoing associations use ``ul.py``; pynetdicom still runs the associations the
-gateway accepts (the C-MOVE receiver, the demo PACS), so it is configured here once:
-- no identifiers (patient data) in its logs, and no per-PDU log formatting;
-- TCP_NODELAY on every accepted socket: pynetdicom sends a command and its data set as separate
-  PDUs, and without it each waits for the peer's delayed ACK (about 40 ms).
+The gateway's own associations, outgoing and into its C-MOVE receiver, run on ``ul.py``; pynetdicom
+still runs in the same process for the embedded demo PACS and the benchmarks' direct clients, so
+it is configured here once: no identifiers (patient data) in its logs, and no per-PDU log formatting.
 """
 
 from __future__ import annotations
 
 import logging
-import socket
 import ssl
 from dataclasses import dataclass
 
-from pynetdicom import _config, evt
+from pynetdicom import _config
 
 from gateway import __version__
 
@@ -35,16 +32,6 @@ def configure_pynetdicom() -> None:
     # the gateway logs each failure once, with the node and the request ID (gateway.dimse)
     logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
     _configured = True
-
-
-def set_nodelay(sock: socket.socket | None) -> None:
-    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
-def nodelay_on_open(event: evt.Event) -> None:
-    """EVT_CONN_OPEN handler for associations the gateway accepts."""
-    set_nodelay(event.assoc.dul.socket.socket)
 
 
 @dataclass(frozen=True)

@@ -91,7 +91,6 @@ class RetrieveOutcome:
     delivered: int = 0
     consumer_gone: bool = False
     stalled: bool = False
-    unexpected: list[str] = field(default_factory=list)
 
     @property
     def complete(self) -> bool:
