@@ -61,9 +61,13 @@ def test_a_client_that_stops_reading_is_dropped_after_the_stall_timeout(
     big_pacs: tuple[DemoPACS, str, str, int],
 ) -> None:
     """The client takes the first bytes and then nothing: after wado.stall_timeout the gateway
-    aborts the response and cancels the retrieve, before the PACS's own timeout could fire."""
+    aborts the response and cancels the retrieve, before the PACS's own timeout could fire.
+
+    The node's idle timeout is short so that the pooled C-FIND association of the listing is gone
+    too by the end: every association the PACS still holds after that would be a leak."""
     pacs, study, series, _ = big_pacs
-    node = {"name": "big", "ae_title": "BIG-PACS", "host": "127.0.0.1", "port": pacs.port}
+    pacs.reset_counters()
+    node = {"name": "big", "ae_title": "BIG-PACS", "host": "127.0.0.1", "port": pacs.port, "idle_timeout": 1}
     with GatewayProcess({"nodes": [node], "wado": {"stall_timeout": 2}}) as gw:
         with httpx.Client(timeout=60) as client:
             with client.stream("GET", gw.url(None, f"/studies/{study}/series/{series}")) as r:
@@ -80,4 +84,5 @@ def test_a_client_that_stops_reading_is_dropped_after_the_stall_timeout(
         while pacs.associations_current and time.monotonic() < deadline:
             time.sleep(0.1)
         assert pacs.associations_current == 0
+        assert pacs.cancels_received >= 1, "the PACS was never told to stop"
         assert "treated as gone" in gw.log_text()
