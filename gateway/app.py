@@ -24,6 +24,7 @@ from .config import Settings
 from .dicomweb.attributes import Level
 from .dicomweb.plan import Resource
 from .dicomweb.qido import SearchContext, search
+from .dicomweb.stow import StowContext, store_instances
 from .dicomweb.wado import WadoContext, retrieve
 from .dicomweb.urls import origin_and_prefix
 from .dimse.node import NodeClient, Nodes, open_nodes
@@ -93,8 +94,26 @@ def _retrieve_endpoint(level: Level) -> Callable[[Request], Awaitable[Response]]
     return endpoint
 
 
+def _store_endpoint(with_study: bool) -> Callable[[Request], Awaitable[Response]]:
+    async def endpoint(request: Request) -> Response:
+        settings: Settings = request.app.state.settings
+        node = _node(request)
+        base = _base_url(request, settings, node)
+        s = settings.stow
+        ctx = StowContext(
+            node, base, base, max_body=int(s.max_body_mb * 1_000_000), max_part=int(s.max_part_mb * 1_000_000),
+            lanes=s.lanes, read_timeout=s.read_timeout, warning_quoted=settings.qido.warning_quoted,
+        )
+        study = _uid_param(request, "study") if with_study else None
+        return await store_instances(request, ctx, study)
+
+    return endpoint
+
+
 def dicomweb_routes() -> list[Route]:
     return [
+        Route("/studies", _store_endpoint(False), methods=["POST"]),
+        Route("/studies/{study}", _store_endpoint(True), methods=["POST"]),
         Route("/studies/{study}", _retrieve_endpoint(Level.STUDY), methods=["GET"]),
         Route("/studies/{study}/series/{series}", _retrieve_endpoint(Level.SERIES), methods=["GET"]),
         Route("/studies/{study}/series/{series}/instances/{instance}", _retrieve_endpoint(Level.IMAGE),

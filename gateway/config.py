@@ -71,6 +71,14 @@ class WadoSettings:
 
 
 @dataclass(frozen=True)
+class StowSettings:
+    max_body_mb: float = 4096.0
+    max_part_mb: float = 1024.0
+    lanes: int = 2
+    read_timeout: float = 60.0
+
+
+@dataclass(frozen=True)
 class Timeouts:
     connect: float = 5.0
     acse: float = 10.0
@@ -112,6 +120,7 @@ class Settings:
     gateway: GatewaySettings = field(default_factory=GatewaySettings)
     qido: QidoSettings = field(default_factory=QidoSettings)
     wado: WadoSettings = field(default_factory=WadoSettings)
+    stow: StowSettings = field(default_factory=StowSettings)
     nodes: tuple[NodeSettings, ...] = ()
 
     @property
@@ -216,7 +225,8 @@ def load_settings(path: str | os.PathLike[str] | None = None, *, data: Mapping[s
             raise ConfigError(str(path), f"not valid TOML: {exc}") from None
     if data is not None:
         raw = {**raw, **data}
-    sections = {"server": ServerSettings, "gateway": GatewaySettings, "qido": QidoSettings, "wado": WadoSettings}
+    sections = {"server": ServerSettings, "gateway": GatewaySettings, "qido": QidoSettings, "wado": WadoSettings,
+                "stow": StowSettings}
     for key in raw:
         if key not in (*sections, "nodes"):
             raise ConfigError(key, f"unknown section (known: {', '.join([*sections, 'nodes'])})")
@@ -289,6 +299,11 @@ def validate(s: Settings) -> None:
     if q.fanout_max_parents < 1:
         raise ConfigError("qido.fanout_max_parents", f"must be at least 1 (got {q.fanout_max_parents})")
     _check_positive("wado.stall_timeout", s.wado.stall_timeout)
+    _check_positive("stow.max_body_mb", s.stow.max_body_mb)
+    _check_positive("stow.max_part_mb", s.stow.max_part_mb)
+    _check_positive("stow.read_timeout", s.stow.read_timeout)
+    if not 1 <= s.stow.lanes <= 16:
+        raise ConfigError("stow.lanes", f"must be between 1 and 16 (got {s.stow.lanes})")
     if not s.nodes:
         raise ConfigError("nodes", "at least one [[nodes]] entry is required")
     seen: set[str] = set()
@@ -362,6 +377,7 @@ def settings_schema() -> dict[str, list[str]]:
         "gateway": names(GatewaySettings, ""),
         "qido": names(QidoSettings, ""),
         "wado": names(WadoSettings, ""),
+        "stow": names(StowSettings, ""),
         "nodes": names(NodeSettings, ""),
     }
 

@@ -42,7 +42,7 @@ import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Collection, Callable, Iterable, Iterator
+from collections.abc import Collection, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from io import BytesIO
 from types import TracebackType
@@ -307,6 +307,7 @@ class DemoPACS:
         self.reject: str | None = None
         self.max_associations = 10
         self.refused_storage_classes: set[str] = set()
+        self.storage_syntaxes: tuple[str, ...] = STORAGE_TRANSFER_SYNTAXES
 
         self._lock = threading.RLock()
         self._instances: dict[str, tuple[bytes, Dataset]] = {}
@@ -345,7 +346,7 @@ class DemoPACS:
                 (evt.EVT_C_MOVE, self._on_move),
                 (evt.EVT_C_STORE, self._on_store),
             ],
-            contexts=_supported_contexts(self.refused_storage_classes),
+            contexts=_supported_contexts(self.refused_storage_classes, self.storage_syntaxes),
         )
         self._server = server
         self.port = cast(ThreadedAssociationServer, server).server_address[1]
@@ -355,7 +356,14 @@ class DemoPACS:
         cannot send them by C-GET); an empty set accepts them all again."""
         self.refused_storage_classes = set(sop_classes)
         if self._server is not None:
-            self._server.contexts = _supported_contexts(self.refused_storage_classes)
+            self._server.contexts = _supported_contexts(self.refused_storage_classes, self.storage_syntaxes)
+
+    def restrict_storage_syntaxes(self, syntaxes: tuple[str, ...] | None) -> None:
+        """Accept only these transfer syntaxes for storage contexts on new associations (like a PACS
+        without codecs); None accepts every syntax the demo PACS knows again."""
+        self.storage_syntaxes = tuple(syntaxes) if syntaxes else STORAGE_TRANSFER_SYNTAXES
+        if self._server is not None:
+            self._server.contexts = _supported_contexts(self.refused_storage_classes, self.storage_syntaxes)
 
     def stop(self) -> None:
         """Stop listening, then abort the open associations, like a PACS that goes down.
@@ -607,14 +615,15 @@ class DemoPACS:
         return 0x0000
 
 
-def _supported_contexts(refused: Collection[str] = ()) -> list[PresentationContext]:
+def _supported_contexts(refused: Collection[str] = (),
+                        syntaxes: Sequence[str] = STORAGE_TRANSFER_SYNTAXES) -> list[PresentationContext]:
     contexts = [build_context(Verification, list(_UNCOMPRESSED))]
     for sop_class in (*_FIND_MODELS, *_RETRIEVE_MODELS):
         contexts.append(build_context(sop_class, list(_UNCOMPRESSED)))
     for storage in AllStoragePresentationContexts:
         if storage.abstract_syntax in refused:
             continue
-        context = build_context(cast(UID, storage.abstract_syntax), list(STORAGE_TRANSFER_SYNTAXES))
+        context = build_context(cast(UID, storage.abstract_syntax), list(syntaxes))
         # Accept either role, so C-GET requestors can act as Storage SCP.
         context.scu_role = True
         context.scp_role = True

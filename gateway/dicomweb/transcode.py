@@ -567,6 +567,38 @@ def convert_to_first(
             last = exc.reason
 
 
+def convert_for_storage(
+    data: bytes | bytearray | memoryview, source_ts: str, accepted: Iterable[str]
+) -> tuple[bytes, str]:
+    """Re-encode a data set for a PACS that did not accept its own transfer syntax (STOW-RS).
+
+    Tries the PACS's `accepted` syntaxes in this order: Explicit VR Little Endian, Implicit VR
+    Little Endian (allowed here: it goes to the PACS, not to the web), then the others as given,
+    never lossy (a compressed source is decoded, which adds no loss of its own). Raises
+    :class:`NotProducible` with the last reason when none can be produced.
+    """
+    source = _normalise(source_ts)
+    targets = list(dict.fromkeys(_normalise(ts) for ts in accepted))
+    targets.sort(key=lambda ts: (ts != EXPLICIT_VR_LE, ts != IMPLICIT_VR_LE))
+    last = "no transfer syntax accepted for this SOP class"
+    for target in targets:
+        try:
+            if target == IMPLICIT_VR_LE:
+                evrle, _ = convert(data, source, EXPLICIT_VR_LE)
+                fp = DicomBytesIO()
+                fp.is_implicit_VR = True
+                fp.is_little_endian = True
+                write_dataset(fp, _parse(evrle, EXPLICIT_VR_LE))
+                return fp.getvalue(), target
+            if target == EXPLICIT_VR_BE:
+                last = "Explicit VR Big Endian is retired and never produced"
+                continue
+            return convert(data, source, target, lossy_allowed=False)
+        except NotProducible as exc:
+            last = exc.reason
+    raise NotProducible(last)
+
+
 def _has_pixel_data(data: bytes | bytearray | memoryview, source_ts: str) -> bool:
     """Whether the top-level data set has (7FE0,0010/0008/0009), without reading the values."""
     found = False

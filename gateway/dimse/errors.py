@@ -32,7 +32,12 @@ class AssociationRejected(DimseError):
 
 
 class ServiceNotSupported(DimseError):
-    """The PACS accepted the association but none of the presentation contexts needed."""
+    """The PACS accepted the association but none of the presentation contexts needed.
+    ``rejected`` lists (abstract syntax, A-ASSOCIATE-AC result) when it refused every context."""
+
+    def __init__(self, node: str, message: str, *, rejected: list[tuple[str, int]] | None = None) -> None:
+        super().__init__(node, message)
+        self.rejected = rejected or []
 
 
 class DimseTimeout(DimseError):

@@ -500,6 +500,19 @@ class Association:
         finally:
             self._close()
 
+    def store(self, context_id: int, sop_class: str, sop_instance: str, msg_id: int,
+              data: bytes | bytearray | memoryview, priority: int = 0) -> tuple[int, str]:
+        """C-STORE-RQ with ``data`` (the encoded data set, sent as it is, in the context's transfer
+        syntax); returns the response's (status, error comment)."""
+        self.send_message(context_id, encode_command({
+            AFFECTED_SOP_CLASS: sop_class, COMMAND_FIELD: C_STORE_RQ, MESSAGE_ID: msg_id, PRIORITY: priority,
+            DATASET_TYPE: 0x0000, AFFECTED_SOP_INSTANCE: sop_instance,
+        }), data)
+        for message in self.receive_messages():
+            if message.field == C_STORE_RSP and int(message.command.get(RESPONDED_TO, -1)) == msg_id:
+                return int(message.command.get(STATUS, 0xFFFF)), str(message.command.get(ERROR_COMMENT, "") or "")
+        raise AssertionError("unreachable")
+
     def cancel(self, model: str, msg_id: int) -> None:
         """C-CANCEL-RQ for ``msg_id``; no response comes (PS3.7 9.3.2.3). Safe from another thread."""
         cx = self.context_for(model)
@@ -595,7 +608,8 @@ def open_association(
             negotiated = _negotiated(rq_contexts, answer, proposal)
             if not negotiated.contexts:
                 sock.sendall(b"\x07\x00\x00\x00\x00\x04\x00\x00\x00\x00")
-                raise ServiceNotSupported(node, "the PACS accepted none of the proposed presentation contexts")
+                raise ServiceNotSupported(node, "the PACS accepted none of the proposed presentation contexts",
+                                          rejected=negotiated.rejected)
             return Association(sock, node, negotiated, max_pdu=max_pdu, dimse_timeout=dimse_timeout,
                                acse_timeout=acse_timeout)
         if pdu_type == 0x03:

@@ -102,6 +102,7 @@ def chaos(chaos_pacs: DemoPACS) -> Iterator[DemoPACS]:
         chaos_pacs.silently_ignored_keys = set()
         chaos_pacs.relational = True
         chaos_pacs.refuse_storage_classes(set())
+        chaos_pacs.restrict_storage_syntaxes(None)
         chaos_pacs.omit_move_originator = False
         chaos_pacs.reset_counters()
 

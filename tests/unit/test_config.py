@@ -83,7 +83,7 @@ class TestDefaults:
 
     def test_schema_lists_nested_settings(self):
         schema = settings_schema()
-        assert set(schema) == {"server", "gateway", "qido", "wado", "nodes"}
+        assert set(schema) == {"server", "gateway", "qido", "wado", "stow", "nodes"}
         assert "port" in schema["server"]
         assert {"timeouts.dimse", "timeouts.connect", "tls.ca_file", "tls.enabled", "name"} <= set(schema["nodes"])
 

@@ -200,13 +200,15 @@ def test_every_app_route_is_in_openapi_and_back(app_routes: set[tuple[str, str]]
 
 def test_the_app_has_the_routes_this_document_describes(app_routes: set[tuple[str, str]]) -> None:
     # guards the normalization above: both mounts with all six QIDO resources and the three WADO-RS
-    # instance resources, plus the two others
+    # instance resources and the two STOW-RS resources, plus the two others
     for mount in ("/dicom-web", "/nodes/{}/dicom-web"):
         for rel in ("/studies", "/series", "/instances", "/studies/{}/series", "/studies/{}/instances",
                     "/studies/{}/series/{}/instances", *RETRIEVE_SUFFIXES):
             assert (mount + rel, "GET") in app_routes
+        for rel in ("/studies", "/studies/{}"):
+            assert (mount + rel, "POST") in app_routes
     assert ("/health", "GET") in app_routes and ("/openapi.json", "GET") in app_routes
-    assert len(app_routes) == 20
+    assert len(app_routes) == 24
 
 
 def test_every_dicomweb_operation_is_a_search_or_a_retrieve(doc: dict[str, Any]) -> None:
