@@ -2,7 +2,7 @@
 
 URL map:
 - the default node at ``/dicom-web``; every node at ``/nodes/{node}/dicom-web``;
-- ``/health`` at the root (``/ready``, ``/status``, ``/metrics``, ``/openapi.json`` as they come).
+- ``/health``, ``/ready`` and ``/status`` (gateway/status.py), ``/metrics``, ``/openapi.json`` at the root.
 """
 
 from __future__ import annotations
@@ -28,8 +28,10 @@ from .dicomweb.stow import StowContext, store_instances
 from .dicomweb.wado import WadoContext, retrieve
 from .dicomweb.urls import origin_and_prefix
 from .dimse.node import NodeClient, Nodes, open_nodes
+from .metrics import Metrics
 from .middleware import RequestContextMiddleware, request_id_var
 from .problems import HttpProblem, bad_request, not_found, problem_response
+from .status import ready_endpoint, status_endpoint
 
 log = logging.getLogger("gateway")
 _UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
@@ -131,6 +133,11 @@ async def health(request: Request) -> Response:
     return JSONResponse({"status": "ok"})
 
 
+async def metrics(request: Request) -> Response:
+    body, content_type = request.app.state.metrics.exposition()
+    return Response(body, media_type=content_type)
+
+
 async def openapi(request: Request) -> Response:
     if not OPENAPI_PATH.is_file():  # an install without the source tree's openapi/ folder
         raise not_found("the OpenAPI document is not installed with this copy of the gateway")
@@ -154,20 +161,26 @@ def create_app(settings: Settings) -> Starlette:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         async with open_nodes(settings) as nodes:
             app.state.nodes = nodes
+            app.state.metrics.watch(node.pool for node in nodes.by_name.values())
             log.info("gateway ready: %d node(s), default %r", len(nodes.by_name), nodes.default.name)
             yield
 
+    app_metrics = Metrics()
     routes = [
         Route("/health", health, methods=["GET"]),
+        Route("/ready", ready_endpoint, methods=["GET"]),
+        Route("/status", status_endpoint, methods=["GET"]),
         Route("/openapi.json", openapi, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
         Mount("/dicom-web", routes=dicomweb_routes()),
         Mount("/nodes/{node}/dicom-web", routes=dicomweb_routes()),
     ]
     app = Starlette(
         routes=routes,
-        middleware=[Middleware(RequestContextMiddleware)],
+        middleware=[Middleware(RequestContextMiddleware, metrics=app_metrics)],
         exception_handlers={HttpProblem: _problem, HTTPException: _http_exception},
         lifespan=lifespan,
     )
     app.state.settings = settings
+    app.state.metrics = app_metrics
     return app

@@ -110,6 +110,8 @@ class NodeSettings:
     relational: str = "negotiate"
     fuzzy: bool = False
     retries: int = 2
+    breaker_threshold: int = 5
+    breaker_cooldown: float = 10.0
     timeouts: Timeouts = field(default_factory=Timeouts)
     tls: TlsSettings = field(default_factory=TlsSettings)
 
@@ -339,6 +341,12 @@ def validate(s: Settings) -> None:
             raise ConfigError(f"{w}.charset", f"must be one of {', '.join(CHARSETS)} (got {n.charset!r})")
         if not 0 <= n.retries <= 5:
             raise ConfigError(f"{w}.retries", f"must be between 0 and 5 (got {n.retries})")
+        if not 0 <= n.breaker_threshold <= 1000:
+            raise ConfigError(f"{w}.breaker_threshold",
+                              f"must be between 0 (disabled) and 1000 (got {n.breaker_threshold})")
+        _check_positive(f"{w}.breaker_cooldown", n.breaker_cooldown)
+        if n.breaker_cooldown > 3600:
+            raise ConfigError(f"{w}.breaker_cooldown", f"must be at most 3600 seconds (got {n.breaker_cooldown:g})")
         for key in ("acquire_timeout", "idle_timeout"):
             _check_positive(f"{w}.{key}", getattr(n, key))
         for key in ("connect", "acse", "dimse"):

@@ -14,6 +14,8 @@ import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from .http_metrics import RequestMeter
+from .metrics import Metrics
 from .problems import internal_error_response
 
 access_log = logging.getLogger("gateway.access")
@@ -37,8 +39,9 @@ class StreamAborted(Exception):
 
 
 class RequestContextMiddleware:
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, metrics: Metrics | None = None) -> None:
         self.app = app
+        self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -51,14 +54,18 @@ class RequestContextMiddleware:
         started = time.perf_counter()
         status = 0
         sent_bytes = 0
+        meter = RequestMeter(self.metrics, scope)
 
         async def send_wrapper(message: Message) -> None:
             nonlocal status, sent_bytes
             if message["type"] == "http.response.start":
                 status = message["status"]
                 message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
+                meter.started()
             elif message["type"] == "http.response.body":
-                sent_bytes += len(message.get("body", b""))
+                size = len(message.get("body", b""))
+                sent_bytes += size
+                meter.sent(size)
             await send(message)
 
         outcome = "ok"
@@ -76,6 +83,7 @@ class RequestContextMiddleware:
             response = internal_error_response(request_id)
             await response(scope, receive, send_wrapper)
         finally:
+            elapsed = time.perf_counter() - started
             access_log.info(
                 '%s "%s %s" %s %dB %.1fms %s %s',
                 scope.get("client", ("-",))[0] if scope.get("client") else "-",
@@ -83,10 +91,11 @@ class RequestContextMiddleware:
                 redact_path(scope["path"]),
                 status or "-",
                 sent_bytes,
-                (time.perf_counter() - started) * 1000,
+                elapsed * 1000,
                 request_id,
                 outcome,
             )
+            meter.finished(status, elapsed, aborted=outcome == "aborted")
             request_id_var.reset(token)
 
 

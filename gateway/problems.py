@@ -15,6 +15,7 @@ from starlette.responses import Response
 
 from gateway.dimse.errors import (
     AssociationRejected,
+    BreakerOpen,
     ConnectionLost,
     DimseError,
     DimseStatusError,
@@ -59,6 +60,8 @@ def from_dimse(exc: DimseError) -> HttpProblem:
     log.warning("%s: %s", type(exc).__name__, where)
     if isinstance(exc, PoolExhausted):
         return HttpProblem(503, "pacs-busy", where, headers={"Retry-After": str(exc.retry_after)})
+    if isinstance(exc, BreakerOpen):
+        return HttpProblem(503, "pacs-unavailable", where, headers={"Retry-After": str(exc.retry_after)})
     if isinstance(exc, AssociationRejected):
         if exc.transient:
             return HttpProblem(503, "pacs-busy", where, headers={"Retry-After": "5"})

@@ -56,6 +56,15 @@ class PoolExhausted(DimseError):
         self.retry_after = retry_after
 
 
+class BreakerOpen(DimseError):
+    """The node's circuit breaker is open (gateway/dimse/breaker.py): after repeated connection
+    failures no association is attempted until ``retry_after`` seconds have passed."""
+
+    def __init__(self, node: str, message: str, *, retry_after: int) -> None:
+        super().__init__(node, message)
+        self.retry_after = retry_after
+
+
 class DimseStatusError(DimseError):
     """The PACS answered an operation with a failure status (``status``, e.g. 0xA700 or 0xC000)."""
 

@@ -19,6 +19,8 @@ import anyio
 from anyio.streams.memory import MemoryObjectSendStream
 from pydicom.dataset import Dataset
 
+from gateway.metrics import outcome_of_status
+
 from .errors import RETRYABLE, ConnectionLost, DimseError, DimseStatusError
 from .pool import PATIENT_ROOT_FIND, STUDY_ROOT_FIND, AssociationPool, PooledAssociation
 
@@ -145,13 +147,16 @@ class FindService:
             async with self.pool.query_association() as pooled:
                 return await self.pool.run_sync(pooled.assoc.echo, pooled.message_id())
 
-        for delay in (*_BACKOFF[: self.retries], None):
-            try:
-                return await attempt()
-            except RETRYABLE:
-                if delay is None:
-                    raise
-                await anyio.sleep(delay)
+        with self.pool.metrics.operation("echo") as op:
+            for delay in (*_BACKOFF[: self.retries], None):
+                try:
+                    status = await attempt()
+                    op.outcome = outcome_of_status(status)
+                    return status
+                except RETRYABLE:
+                    if delay is None:
+                        raise
+                    await anyio.sleep(delay)
         raise AssertionError("unreachable")
 
     async def find(self, identifier: Dataset, *, model: str = STUDY_ROOT,
@@ -165,41 +170,43 @@ class FindService:
         C-CANCEL. A failure before the first match is retried with backoff when it is a connection
         failure (a stale pooled association, a PACS restarting).
         """
-        delays = list(_BACKOFF[: self.retries])
-        while True:
-            try:
-                pooled = await self.pool.acquire()
-            except RETRYABLE:
-                if not delays:
+        with self.pool.metrics.operation("find") as op:
+            delays = list(_BACKOFF[: self.retries])
+            while True:
+                try:
+                    pooled = await self.pool.acquire()
+                except RETRYABLE:
+                    if not delays:
+                        raise
+                    await anyio.sleep(delays.pop(0))
+                    continue
+                send, receive = anyio.create_memory_object_stream[Match | _Final | _Failed](_BUFFER)
+                job = _FindJob(self.pool, pooled, identifier, model, send, prepare)
+                try:
+                    self.pool.spawn(_run_job, self.pool, pooled, job)
+                except BaseException:
+                    await self.pool.release(pooled)
                     raise
-                await anyio.sleep(delays.pop(0))
-                continue
-            send, receive = anyio.create_memory_object_stream[Match | _Final | _Failed](_BUFFER)
-            job = _FindJob(self.pool, pooled, identifier, model, send, prepare)
-            try:
-                self.pool.spawn(_run_job, self.pool, pooled, job)
-            except BaseException:
-                await self.pool.release(pooled)
-                raise
-            yielded = False
-            retry = False
-            try:
-                async with receive:
-                    async for item in receive:
-                        if isinstance(item, Match):
-                            yielded = True
-                            yield item
-                        elif isinstance(item, _Final):
-                            return
+                yielded = False
+                retry = False
+                try:
+                    async with receive:
+                        async for item in receive:
+                            if isinstance(item, Match):
+                                yielded = True
+                                yield item
+                            elif isinstance(item, _Final):
+                                op.outcome = outcome_of_status(item.status)
+                                return
+                            else:
+                                if not yielded and delays and isinstance(item.error, RETRYABLE):
+                                    retry = True
+                                    break
+                                raise item.error
                         else:
-                            if not yielded and delays and isinstance(item.error, RETRYABLE):
-                                retry = True
-                                break
-                            raise item.error
-                    else:
-                        raise ConnectionLost(self.pool.name, "the C-FIND ended without a final status")
-            finally:
-                if not job.finished:
-                    job.cancel()
-            if retry:
-                await anyio.sleep(delays.pop(0))
+                            raise ConnectionLost(self.pool.name, "the C-FIND ended without a final status")
+                finally:
+                    if not job.finished:
+                        job.cancel()
+                if retry:
+                    await anyio.sleep(delays.pop(0))

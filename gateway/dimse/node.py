@@ -11,6 +11,7 @@ import anyio.abc
 
 from gateway.config import NodeSettings, Settings
 
+from .breaker import CircuitBreaker
 from .find import FindService
 from .net import Peer
 from .pool import AssociationPool, Capabilities
@@ -56,6 +57,7 @@ class NodeClient:
             relational=settings.relational,
             fuzzy=settings.fuzzy,
             task_group=task_group,
+            breaker=CircuitBreaker(settings.name, settings.breaker_threshold, settings.breaker_cooldown),
         )
         self.queries = FindService(self.pool, settings.retries)
         self.retriever = Retriever(self.pool, settings.retrieve, receiver, calling_ae)
@@ -91,12 +93,17 @@ class Nodes:
             await node.pool.aclose()
 
 
+def wants_receiver(settings: Settings) -> bool:
+    """The C-MOVE receiver runs when it has a port and some node may retrieve with C-MOVE."""
+    return bool(settings.gateway.move_port) and any(n.retrieve != "get" for n in settings.nodes)
+
+
 @asynccontextmanager
 async def open_nodes(settings: Settings) -> AsyncIterator[Nodes]:
     """Pools for every node, with idle reaping, and the C-MOVE receiver when a node retrieves with
     C-MOVE, for the lifetime of the block."""
     receiver = None
-    if settings.gateway.move_port and any(n.retrieve != "get" for n in settings.nodes):
+    if wants_receiver(settings):
         g = settings.gateway
         receiver = MoveReceiver(g.ae_title, g.move_host, g.move_port,
                                 allowed_calling={n.ae_title for n in settings.nodes})

@@ -6,6 +6,8 @@
   (503 + Retry-After on the web side), never a queue of minutes.
 - Query associations (C-ECHO, C-FIND) are kept idle for reuse up to ``idle_timeout``; one that the
   PACS closed is noticed when taken (or when it fails before its first answer) and replaced.
+- Every new association, pooled or dedicated, passes the node's circuit breaker (breaker.py):
+  while it is open, requests fail fast with ``BreakerOpen`` instead of waiting on a dead PACS.
 - Every blocking pynetdicom call runs in a worker thread under the node's own CapacityLimiter.
 - Work that must outlive the request that started it (draining a cancelled C-FIND, releasing an
   association) runs in the pool's task group, so a client that goes away never leaks a thread or an
@@ -26,7 +28,10 @@ import anyio
 import anyio.abc
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from .errors import PoolExhausted
+from gateway.metrics import NodeMetrics
+
+from .breaker import CircuitBreaker
+from .errors import DimseError, PoolExhausted
 from .net import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, Peer
 from .ul import VERIFICATION, Association, Proposal, open_association
 
@@ -47,6 +52,14 @@ class Capabilities:
     relational: bool
     fuzzy: bool
     peer_max_pdu: int
+
+
+@dataclass(frozen=True)
+class LastError:
+    """The last failure seen on a node: its message and when (seconds since the epoch)."""
+
+    message: str
+    at: float
 
 
 @dataclass
@@ -99,6 +112,7 @@ class AssociationPool:
         relational: str,
         fuzzy: bool,
         task_group: anyio.abc.TaskGroup,
+        breaker: CircuitBreaker | None = None,
     ) -> None:
         self.peer = peer
         self.name = peer.name
@@ -116,7 +130,12 @@ class AssociationPool:
         self.in_use = 0
         self.opened_total = 0
         self.last_capabilities: Capabilities | None = None
+        # guards every new association (threshold 0: disabled); see gateway/dimse/breaker.py
+        self.breaker = breaker or CircuitBreaker(peer.name, 0, 10.0)
+        self.last_error: LastError | None = None
         self._closed = False
+        # what the node's operations record; bound to the app's registry by Metrics.watch
+        self.metrics = NodeMetrics(self.name)
 
     # -- running blocking work ------------------------------------------------------------------
 
@@ -126,6 +145,24 @@ class AssociationPool:
     def spawn(self, func: Callable[..., Any], *args: Any) -> None:
         """Run ``func(*args)`` in the pool's task group, independent of the calling request."""
         self._tg.start_soon(func, *args)
+
+    async def _attempt(self, func: Callable[..., T], *args: Any) -> T:
+        """Open a new association with ``func`` (in a worker thread) past the circuit breaker: fail
+        fast with BreakerOpen while it is open, and tell it how the attempt went."""
+        probe = self.breaker.before_attempt()
+        try:
+            result = await self.run_sync(func, *args)
+        except BaseException as exc:
+            self.breaker.record(exc, probe)
+            if isinstance(exc, DimseError):
+                self.note_error(exc)
+            raise
+        self.breaker.record_success(probe)
+        return result
+
+    def note_error(self, exc: DimseError) -> None:
+        """Remember a failure for /status (its message holds no patient data)."""
+        self.last_error = LastError(f"{type(exc).__name__}: {exc.message}", time.time())
 
     # -- acquiring --------------------------------------------------------------------------------
 
@@ -185,7 +222,7 @@ class AssociationPool:
                 if fresh and pooled.assoc.idle_and_healthy():
                     return pooled
                 self.spawn(self._close, pooled.assoc)  # the PACS released, aborted or closed it while idle
-            pooled = await self.run_sync(self._open)
+            pooled = await self._attempt(self._open)
             self.opened_total += 1
             return pooled
         except BaseException:
@@ -200,7 +237,7 @@ class AssociationPool:
         try:
             if self._idle and self.in_use + len(self._idle) > self.max_associations:
                 await self._close(self._idle.pop(0).assoc)
-            assoc = await self.run_sync(connect, self.peer, proposal)
+            assoc = await self._attempt(connect, self.peer, proposal)
             self.opened_total += 1
             return assoc
         except BaseException:

@@ -121,7 +121,8 @@ class MoveReceiver:
 
     @property
     def running(self) -> bool:
-        return self._listener is not None
+        """Bound and accepting: the listening socket is open and its accept loop alive."""
+        return self._listener is not None and self._thread is not None and self._thread.is_alive()
 
     def _accept_loop(self) -> None:
         while self._listener is not None:

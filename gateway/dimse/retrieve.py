@@ -28,6 +28,8 @@ import anyio
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
+from gateway.metrics import CANCEL, ERROR, FAILURE, WARNING, outcome_of, outcome_of_status
+
 from .errors import DimseError, DimseStatusError, ServiceNotSupported
 from .pool import AssociationPool
 from .receiver import MoveReceiver
@@ -305,6 +307,7 @@ class _Job:
         self._lock = threading.Lock()
         self._active: tuple[Association, str, int] | None = None
         self._cancelled = False
+        self._started = time.perf_counter()  # of the C-GET or C-MOVE under way, for the metrics
         delivery.on_gone = self.cancel
 
     def cancel(self) -> None:
@@ -321,16 +324,36 @@ class _Job:
 
     async def run(self) -> None:
         with anyio.CancelScope(shield=True):
+            self._started = time.perf_counter()
             try:
                 await self._run()
             except DimseError as exc:
+                self._record(self._outcome_label(exc))
                 await self._finish(RetrieveFailed(exc, self.outcome))
             except Exception as exc:  # a bug: make sure the consumer is not left waiting
                 log.exception("retrieve failed")
+                self._record(ERROR)
                 await self._finish(RetrieveFailed(DimseError(self.r.pool.name, f"internal error: {type(exc).__name__}"),
                                            self.outcome))
             else:
+                self._record(self._outcome_label(None))
                 await self._finish(RetrieveDone(self.outcome))
+
+    def _record(self, outcome: str, kind: str | None = None) -> None:
+        """One C-GET or C-MOVE in the metrics (before the consumer hears the end)."""
+        now = time.perf_counter()
+        self.r.pool.metrics.observe(kind or self.outcome.mode, outcome, now - self._started)
+        self._started = now
+
+    def _outcome_label(self, exc: DimseError | None) -> str:
+        if self._cancelled or self.outcome.consumer_gone:
+            return CANCEL
+        if exc is not None:
+            return outcome_of(exc)
+        label = outcome_of_status(self.outcome.status)
+        if label != FAILURE and (self.outcome.failed or self.outcome.rejected_classes):
+            return WARNING
+        return label
 
     async def _finish(self, item: RetrieveDone | RetrieveFailed) -> None:
         self.delivery.handoff.end(item)
@@ -346,6 +369,7 @@ class _Job:
                 if self.r.mode == "get" or self.outcome.delivered or self._cancelled or self.outcome.consumer_gone:
                     raise reason.error from None
                 log.info("C-GET not possible on node %r (%s); falling back to C-MOVE", self.r.pool.name, reason.error.message)
+                self._record(outcome_of(reason.error), "get")
                 self.outcome.mode = "move"
         await self._move()
 

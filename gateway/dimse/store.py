@@ -21,11 +21,14 @@ the syntaxes the PACS accepted for that class, or the instance fails with 0xC122
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import anyio
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+from gateway.metrics import ERROR, outcome_of, outcome_of_status
 
 from .errors import AssociationRejected, DimseError, PoolExhausted, ServiceNotSupported
 from .pool import AssociationPool
@@ -183,19 +186,24 @@ class StoreSession:
                 await self._ready.wait()
             lane = self._free.pop()
         self._wanted.add(item.sop_class_uid, item.transfer_syntax)
+        self.pool.metrics.stow_bytes(len(item.data))
         self._tg.start_soon(self._store, lane, item, done)
 
     async def _store(self, lane: _Lane, item: StoreItem, done: Callable[[StoreOutcome], None]) -> None:
+        started = time.perf_counter()
         try:
             with anyio.CancelScope(shield=True):
                 outcome = await self._store_on(lane, item)
+            label = _outcome_label(outcome)
         except Exception as exc:  # a bug: never leave the caller without an outcome
             log.exception("storing an instance failed")
             outcome = StoreOutcome(PROCESSING_FAILURE, reason=f"internal error: {type(exc).__name__}")
+            label = ERROR
         finally:
             async with self._ready:
                 self._free.append(lane)
                 self._ready.notify()
+        self.pool.metrics.observe("store", label, time.perf_counter() - started)
         done(outcome)
 
     async def _store_on(self, lane: _Lane, item: StoreItem) -> StoreOutcome:
@@ -259,6 +267,14 @@ class StoreSession:
         reason = f"the PACS answered 0x{status:04X}" + (f": {comment}" if comment else "")
         return StoreOutcome(status, context.transfer_syntax, reason="" if status == 0 else reason,
                             converted=converted)
+
+
+def _outcome_label(outcome: StoreOutcome) -> str:
+    """The metrics outcome of one instance: the association's failure when that is why it
+    failed, else from the status (the gateway's own refusals count as failures)."""
+    if outcome.error is not None:
+        return outcome_of(outcome.error)
+    return outcome_of_status(outcome.status)
 
 
 def _transient(exc: DimseError) -> bool:

@@ -200,7 +200,7 @@ def test_every_app_route_is_in_openapi_and_back(app_routes: set[tuple[str, str]]
 
 def test_the_app_has_the_routes_this_document_describes(app_routes: set[tuple[str, str]]) -> None:
     # guards the normalization above: both mounts with all six QIDO resources and the three WADO-RS
-    # instance resources and the two STOW-RS resources, plus the two others
+    # instance resources and the two STOW-RS resources, plus the five others
     for mount in ("/dicom-web", "/nodes/{}/dicom-web"):
         for rel in ("/studies", "/series", "/instances", "/studies/{}/series", "/studies/{}/instances",
                     "/studies/{}/series/{}/instances", *RETRIEVE_SUFFIXES):
@@ -208,7 +208,9 @@ def test_the_app_has_the_routes_this_document_describes(app_routes: set[tuple[st
         for rel in ("/studies", "/studies/{}"):
             assert (mount + rel, "POST") in app_routes
     assert ("/health", "GET") in app_routes and ("/openapi.json", "GET") in app_routes
-    assert len(app_routes) == 24
+    assert ("/metrics", "GET") in app_routes
+    assert ("/ready", "GET") in app_routes and ("/status", "GET") in app_routes
+    assert len(app_routes) == 27
 
 
 def test_every_dicomweb_operation_is_a_search_or_a_retrieve(doc: dict[str, Any]) -> None:
@@ -579,6 +581,8 @@ def test_defaults_stated_in_the_conformance_statement(conformance: str) -> None:
         f"`nodes.idle_timeout` (default {node.idle_timeout:g} s",
         f"`nodes.max_pdu` (default {node.max_pdu}",
         f"`nodes.retries` times (0-5, default {node.retries})",
+        f"`nodes.breaker_threshold` (0-1000, default {node.breaker_threshold}; 0 disables it)",
+        f"After `nodes.breaker_cooldown` (default {node.breaker_cooldown:g} s)",
         f"`qido.max_results`, default {q.max_results}",
         f"`qido.fanout_max_parents` (default {q.fanout_max_parents})",
         f"`qido.fanout_concurrency` (default {q.fanout_concurrency})",
