@@ -4,7 +4,8 @@
 #   bash deploy/bootstrap.sh demo  [ARGS...]   install, then: dicomweb-gateway demo ARGS
 #   bash deploy/bootstrap.sh test  [ARGS...]   install test deps, then: pytest ARGS (default: -q tests)
 #   bash deploy/bootstrap.sh bench [ARGS...]   install test deps, then: python -m tests.bench.run ARGS
-#                                              and python -m tests.bench.wado ARGS
+#                                              python -m tests.bench.wado ARGS
+#                                              and python -m tests.bench.stow ARGS
 #
 # Works on a stock Debian 12 machine: when `python3 -m venv` is unusable
 # (python3-venv / ensurepip missing) it installs python3-venv as root, or
@@ -31,7 +32,8 @@ usage: bash deploy/bootstrap.sh {demo|test|bench} [ARGS...]
   test   install Debian test servers (orthanc, orthanc-dicomweb, dcmtk) when root,
          create/refresh .venv with the test extras and run pytest (default: -q tests)
   bench  create/refresh .venv with the test extras and run `python -m tests.bench.run ARGS`
-         (QIDO), then `python -m tests.bench.wado ARGS` (WADO-RS retrieve)
+         (QIDO), `python -m tests.bench.wado ARGS` (WADO-RS retrieve), then
+         `python -m tests.bench.stow ARGS` (STOW-RS)
 EOF
 }
 
@@ -452,6 +454,8 @@ case "$MODE" in
         log "running: python -m tests.bench.run $* (QIDO)"
         "$VENV/bin/python" -m tests.bench.run "$@"
         log "running: python -m tests.bench.wado $* (WADO-RS retrieve)"
-        exec "$VENV/bin/python" -m tests.bench.wado "$@"
+        "$VENV/bin/python" -m tests.bench.wado "$@"
+        log "running: python -m tests.bench.stow $* (STOW-RS)"
+        exec "$VENV/bin/python" -m tests.bench.stow "$@"
         ;;
 esac
