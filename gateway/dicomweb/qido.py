@@ -61,6 +61,15 @@ XML_TYPES = ("application/dicom+xml", "multipart/related")
 # Media type
 
 
+def warning_value(service_url: str, text: str, quoted: bool) -> str:
+    """A Warning header value, ``299 <service-url>: <text>`` (PS3.18 8.3.5.1), for searches and
+    stores: header-safe ASCII without control characters (texts may quote the client's input),
+    ``"`` written as ``'``, quoted when ``qido.warning_quoted`` asks for it."""
+    safe = re.sub(r"[\x00-\x1f\x7f]", "?", text.encode("ascii", "backslashreplace").decode("ascii"))
+    safe = safe.replace('"', "'")
+    return f'299 {service_url}: "{safe}"' if quoted else f"299 {service_url}: {safe}"
+
+
 def choose_media_type(accept_header: str | None, accept_param: tuple[str, ...], charset: tuple[str, ...], strict: bool) -> str:
     """The response type for a search (8.7.5): the ``accept`` parameter wins over the header."""
     for value in charset:
@@ -282,10 +291,7 @@ class SearchContext:
         self.warning_quoted = warning_quoted
 
     def warning(self, text: str) -> str:
-        # header-safe: ASCII without control characters (parameter names come from the client)
-        safe = re.sub(r"[\x00-\x1f\x7f]", "?", text.encode("ascii", "backslashreplace").decode("ascii"))
-        safe = safe.replace('"', "'")
-        return f'299 {self.service_url}: "{safe}"' if self.warning_quoted else f"299 {self.service_url}: {safe}"
+        return warning_value(self.service_url, text, self.warning_quoted)
 
 
 async def search(request: Request, ctx: SearchContext, resource: Resource) -> Response:

@@ -47,26 +47,32 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from gateway.dimse.node import NodeClient
-from gateway.dimse.store import ConversionFailed, StoreItem, StoreOutcome, StoreSession
+from gateway.dimse.store import (
+    CANNOT_UNDERSTAND,
+    OUT_OF_RESOURCES,
+    PROCESSING_FAILURE,
+    ConversionFailed,
+    StoreItem,
+    StoreOutcome,
+    StoreSession,
+    is_stored,
+)
 from gateway.problems import HttpProblem, bad_request, from_dimse
 
 from . import p10
 from .multipart import MultipartError, PartData, PartEnd, PartStart, RelatedParser, parse_content_type
 from .negotiation import is_uid
-from .qido import choose_media_type
+from .qido import choose_media_type, warning_value
 from .transcode import NotProducible, convert_for_storage
 
 log = logging.getLogger("gateway.stow")
 
-MB = 1_000_000
 INSPECT_INLINE = 4 << 20  # larger parts are checked in a worker thread
 PEEK_BYTES = 1 << 16  # what an oversized part keeps, to name it in the response
 
-# FailureReason / WarningReason codes the gateway assigns itself (PS3.18 Table I.2-2)
-CANNOT_UNDERSTAND = 0xC000
-STUDY_MISMATCH = 0xA900
-OUT_OF_RESOURCES = 0xA700
-PROCESSING_FAILURE = 0x0110
+# The FailureReason codes the gateway assigns itself (PS3.18 Table I.2-2) are in gateway.dimse.store,
+# but for this one, which only the web side knows
+STUDY_MISMATCH = 0xA900  # PS3.18 names no code for it: the gateway's choice (conformance statement)
 
 
 @dataclass
@@ -81,8 +87,7 @@ class StowContext:
     warning_quoted: bool = False
 
     def warning(self, text: str) -> str:
-        safe = "".join(c if 32 <= ord(c) < 127 else "?" for c in text).replace('"', "'")
-        return f'299 {self.service_url}: "{safe}"' if self.warning_quoted else f"299 {self.service_url}: {safe}"
+        return warning_value(self.service_url, text, self.warning_quoted)
 
 
 @dataclass
@@ -104,7 +109,7 @@ class _Result:
 
     @property
     def stored(self) -> bool:
-        return self.status is not None and (self.status == 0 or 0xB000 <= self.status <= 0xBFFF)
+        return self.status is not None and is_stored(self.status)
 
 
 @dataclass
@@ -168,6 +173,13 @@ def _content_type(value: str | None) -> tuple[str, dict[str, str]]:
     if "boundary" not in params:
         raise bad_request("the multipart/related Content-Type has no boundary parameter")
     return media, params
+
+
+def _related_parser(params: dict[str, str]) -> RelatedParser:
+    try:
+        return RelatedParser(params["boundary"])
+    except MultipartError as exc:
+        raise bad_request(f"the multipart boundary is not valid: {exc}") from None
 
 
 async def _body(request: Request, ctx: StowContext, upload: _Upload) -> AsyncIterator[bytes]:
@@ -296,10 +308,7 @@ def _convert(data: bytes | bytearray | memoryview, source_ts: str, accepted: Seq
 
 async def _store_multipart(request: Request, ctx: StowContext, study: str | None, upload: _Upload,
                            params: dict[str, str]) -> None:
-    try:
-        parser = RelatedParser(params["boundary"])
-    except MultipartError as exc:
-        raise bad_request(f"the multipart boundary is not valid: {exc}") from None
+    parser = _related_parser(params)
     malformed: str | None = None
     async with _session(ctx) as session:
         parts = _Parts(ctx, study, upload, session)
@@ -367,10 +376,7 @@ async def _store_json(request: Request, ctx: StowContext, study: str | None, upl
                       params: dict[str, str]) -> None:
     from .stow_json import build_instances  # noqa: PLC0415 - only this form needs pydicom's JSON reader
 
-    try:
-        parser = RelatedParser(params["boundary"])
-    except MultipartError as exc:
-        raise bad_request(f"the multipart boundary is not valid: {exc}") from None
+    parser = _related_parser(params)
     parts: list[tuple[dict[str, str], bytearray]] = []
     total = 0
     try:

@@ -90,9 +90,12 @@ from pydicom.tag import Tag
 from pydicom.valuerep import CUSTOMIZABLE_CHARSET_VR, EXPLICIT_VR_LENGTH_32
 from pydicom.values import convert_value
 
+from gateway.dimse.store import CANNOT_UNDERSTAND
+from gateway.dimse.store import TRANSFER_SYNTAX_NOT_SUPPORTED as SYNTAX_NOT_SUPPORTED
 from gateway.problems import bad_request
 
 from .multipart import MultipartError, parse_content_type
+from .negotiation import OCTET_STREAM, is_uid
 from .syntaxes import (
     EXPLICIT_VR_LE,
     HTJ2K_LOSSLESS,
@@ -116,8 +119,6 @@ from .transcode import file_meta_bytes
 __all__ = ["COMPRESSED", "MEDIA_TYPE_SYNTAX", "BuiltInstance", "build_instances"]
 
 # FailureReason codes (PS3.18 Table I.2-2; the same as stow.py's)
-CANNOT_UNDERSTAND = 0xC000
-SYNTAX_NOT_SUPPORTED = 0xC122
 
 #: Still-image compressed transfer syntaxes a bulk data part may carry for Pixel Data.
 COMPRESSED = frozenset({
@@ -135,13 +136,11 @@ MEDIA_TYPE_SYNTAX = {
     "image/dicom-rle": RLE_LOSSLESS,
 }
 _NATIVE_LE = frozenset({EXPLICIT_VR_LE, IMPLICIT_VR_LE})
-_OCTET_STREAM = "application/octet-stream"
 _METADATA_TYPES = ("application/dicom+json", "application/json")
 _PIXEL_DATA = 0x7FE00010
 _PIXEL_TAGS = frozenset({0x7FE00008, 0x7FE00009, _PIXEL_DATA})  # Float, Double Float, Pixel Data
 # VRs whose bulk data (little endian bytes) is decoded into values; the others keep the bytes
 _DECODED_VRS = frozenset({"AT", "DS", "FD", "FL", "IS", "SL", "SS", "SV", "UL", "US", "UV"})
-_UID = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
 _REASON_LIMIT = 200
 
 
@@ -244,7 +243,7 @@ def _bulk_parts(parts: Iterable[tuple[dict[str, str], bytearray]]) -> dict[str, 
         if location in table:
             raise bad_request(f"parts {table[location].part} and {number} have the same Content-Location")
         try:
-            media, params = parse_content_type(headers.get("content-type") or _OCTET_STREAM)
+            media, params = parse_content_type(headers.get("content-type") or OCTET_STREAM)
         except MultipartError as exc:
             raise bad_request(f"the Content-Type of bulk data part {number} cannot be read: {exc}") from None
         table[location] = _Bulk(number, media, params, bytes(body))
@@ -343,9 +342,9 @@ def _classify(part: _Bulk) -> tuple[str, str]:
             return "native", ""
         if ts in COMPRESSED:
             return "compressed", ts
-        named = ts if _is_uid(ts) else "named by the transfer-syntax parameter"
+        named = ts if is_uid(ts) else "named by the transfer-syntax parameter"
         return "other", f"transfer syntax {named} is not supported for bulk pixel data"
-    if media == _OCTET_STREAM:
+    if media == OCTET_STREAM:
         return "native", ""
     if media in MEDIA_TYPE_SYNTAX:
         return "compressed", MEDIA_TYPE_SYNTAX[media]
@@ -476,15 +475,11 @@ def _check_writable(ds: Dataset, inherited: list[str]) -> None:
 # Small helpers
 
 
-def _is_uid(value: str) -> bool:
-    return 0 < len(value) <= 64 and _UID.fullmatch(value) is not None
-
-
 def _uid(value: object) -> str | None:
     if not isinstance(value, str):
         return None
     value = value.strip(" \0")
-    return value if _is_uid(value) else None
+    return value if is_uid(value) else None
 
 
 def _json_uid(obj: dict[str, Any], tag: str) -> str | None:

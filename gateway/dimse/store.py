@@ -44,6 +44,12 @@ SOP_CLASS_NOT_SUPPORTED = 0x0122
 TRANSFER_SYNTAX_NOT_SUPPORTED = 0xC122
 PROCESSING_FAILURE = 0x0110
 OUT_OF_RESOURCES = 0xA700
+CANNOT_UNDERSTAND = 0xC000
+
+
+def is_stored(status: int) -> bool:
+    """A C-STORE status under which the PACS holds the instance: success or a warning."""
+    return status == 0x0000 or 0xB000 <= status <= 0xBFFF
 
 
 class ConversionFailed(Exception):
@@ -62,18 +68,16 @@ class StoreItem:
 
 @dataclass(frozen=True)
 class StoreOutcome:
-    """The C-STORE status (or the one the gateway assigned), the syntax the data set went in, and
-    for failures a short reason without patient data."""
+    """The C-STORE status (or the one the gateway assigned) and, for failures, a short reason
+    without patient data."""
 
     status: int
-    transfer_syntax: str | None = None
     reason: str = ""
-    converted: bool = False
     error: DimseError | None = None  # the association-level error, when that is why it failed
 
     @property
     def stored(self) -> bool:
-        return self.status == 0x0000 or 0xB000 <= self.status <= 0xBFFF
+        return is_stored(self.status)
 
 
 Converter = Callable[[bytes | bytearray | memoryview, str, Sequence[str]], tuple[bytes | bytearray | memoryview, str]]
@@ -154,7 +158,6 @@ class StoreSession:
         self._ready = anyio.Condition()
         self._wanted = _Wanted()
         self._tg: anyio.abc.TaskGroup | None = None
-        self.opened = 0
         # the first association that could not be opened: later instances fail at once with it
         # instead of each waiting for its own connect timeout
         self.open_error: DimseError | None = None
@@ -228,7 +231,6 @@ class StoreSession:
                 if not _transient(exc):  # a PACS that is down stays down for this request
                     self.open_error = exc
                 return StoreOutcome(_status_for(exc), reason=exc.message, error=exc)
-            self.opened += 1
             lane.proposed = proposed
             lane.next_msg_id = 1
             self._wanted.refuse(proposed, {cx.abstract_syntax for cx in lane.assoc.accepted},
@@ -244,7 +246,6 @@ class StoreSession:
         sop_class, ts = item.sop_class_uid, item.transfer_syntax
         exact = assoc.context_for(sop_class, ts)
         data = item.data
-        converted = False
         if exact is not None:
             context = exact
         else:
@@ -258,15 +259,13 @@ class StoreSession:
                 return StoreOutcome(TRANSFER_SYNTAX_NOT_SUPPORTED,
                                     reason=f"the PACS does not accept transfer syntax {ts} and {exc}")
             context = next(cx for cx in accepted if cx.transfer_syntax == target)
-            converted = True
         try:
             status, comment = assoc.store(context.context_id, sop_class, item.sop_instance_uid, lane.message_id(),
                                           data)
         except DimseError as exc:
-            return StoreOutcome(_status_for(exc), context.transfer_syntax, reason=exc.message, error=exc)
+            return StoreOutcome(_status_for(exc), reason=exc.message, error=exc)
         reason = f"the PACS answered 0x{status:04X}" + (f": {comment}" if comment else "")
-        return StoreOutcome(status, context.transfer_syntax, reason="" if status == 0 else reason,
-                            converted=converted)
+        return StoreOutcome(status, reason="" if status == 0 else reason)
 
 
 def _outcome_label(outcome: StoreOutcome) -> str:
