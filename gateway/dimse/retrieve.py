@@ -28,7 +28,8 @@ import anyio
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from gateway.metrics import CANCEL, ERROR, FAILURE, WARNING, outcome_of, outcome_of_status
+from gateway.metrics import CANCEL, ERROR, FAILURE, outcome_of, outcome_of_status
+from gateway.metrics import WARNING as WARNING_OUTCOME
 
 from .errors import DimseError, DimseStatusError, ServiceNotSupported
 from .pool import AssociationPool
@@ -352,7 +353,7 @@ class _Job:
             return outcome_of(exc)
         label = outcome_of_status(self.outcome.status)
         if label != FAILURE and (self.outcome.failed or self.outcome.rejected_classes):
-            return WARNING
+            return WARNING_OUTCOME
         return label
 
     async def _finish(self, item: RetrieveDone | RetrieveFailed) -> None:

@@ -179,3 +179,17 @@ def test_requests_are_counted_by_route_template() -> None:
     assert sent["/health"] == 2 * len(b'{"status":"ok"}') + len(brew.content) and sent["other"] > 0
     assert samples["dicomweb_gateway_http_requests_in_progress"] == [({}, 0)]
     assert "1.2.840" not in r.text
+
+
+def test_a_retrieve_with_failed_sub_operations_is_a_warning_outcome() -> None:
+    """The metrics label, not the command element of the same name (a shadowed import once made it
+    the integer tag 0x00001023)."""
+    from types import SimpleNamespace
+
+    from gateway.dimse.retrieve import _Job
+
+    job = SimpleNamespace(_cancelled=False, outcome=SimpleNamespace(
+        consumer_gone=False, status=0x0000, failed=1, rejected_classes=[]))
+    assert _Job._outcome_label(job, None) == "warning"  # type: ignore[arg-type]
+    job.outcome.failed = 0
+    assert _Job._outcome_label(job, None) == "success"  # type: ignore[arg-type]
