@@ -31,7 +31,6 @@ Profiling: ``--py-spy OUT`` records the gateway with py-spy (``pip install py-sp
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
@@ -60,6 +59,7 @@ from tests.support.realpacs import (
 )
 
 from . import procstat
+from .common import bench_main, log_problems
 from .data import BenchData, bench_data
 from .paths import (
     PATH_LABELS,
@@ -627,8 +627,7 @@ def run(args: argparse.Namespace, print_fn: Callable[[str], None] = print) -> di
             "ok": not problems,
         },
         # what the gateway logged above INFO (it logs each request at INFO in its access log)
-        "gateway_log_problems": [line for line in gateway_log.splitlines()
-                                 if any(level in line for level in ("WARNING", "ERROR", "CRITICAL", "Traceback"))][-50:],
+        "gateway_log_problems": log_problems(gateway_log),
         "elapsed_seconds": round(time.monotonic() - began, 1),
         "out": str(args.out),
     }
@@ -636,19 +635,7 @@ def run(args: argparse.Namespace, print_fn: Callable[[str], None] = print) -> di
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-
-    def on_term(signum: int, _frame: object) -> None:
-        raise SystemExit(128 + signum)  # unwinds the with-blocks: Orthanc and the gateway are stopped
-
-    signal.signal(signal.SIGTERM, on_term)
-    report = run(args)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print()
-    print(render(report))
-    return 0 if report["checks"]["ok"] else 1
+    return bench_main(argv, parse_args, run, render)
 
 
 if __name__ == "__main__":

@@ -58,7 +58,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import io
-import json
 import os
 import platform
 import re
@@ -70,7 +69,6 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,7 +90,8 @@ from tests.support.realpacs import (
 from . import procstat
 from .paths import park_reactor
 from .run import BenchGateway, _provenance
-from .wado import _children_cpu, _fmt, _frame_name, _nodelay, _py_spy_exe, loadavg, meta_info, thread_cpu
+from .common import bench_main, log_problems, summarise_pyspy
+from .wado import _children_cpu, _fmt, _nodelay, _py_spy_exe, loadavg, meta_info, thread_cpu
 
 GATEWAY_AE = "DICOMWEB-GW"
 ORTHANC_AE = "ORTHANC"
@@ -816,8 +815,7 @@ def memory_run(profile: Profile, server: OrthancServer, print_fn: Callable[[str]
         seconds = time.perf_counter() - started
         end = procstat.status_fields(pid)
         peaks = sampler.stop() if sampler is not None else None
-        log_problems = [line for line in gateway.log_text().splitlines()
-                        if any(level in line for level in ("ERROR", "CRITICAL", "Traceback"))][-10:]
+        memory_log_problems = log_problems(gateway.log_text(), ("ERROR", "CRITICAL", "Traceback"), last=10)
     try:
         held = orthanc_count(server)
         out["orthanc_disk_mb"] = orthanc_disk_mb(server)
@@ -837,7 +835,7 @@ def memory_run(profile: Profile, server: OrthancServer, print_fn: Callable[[str]
         "peak_associations": peaks.associations if peaks else None,
         "samples": peaks.samples if peaks else 0,
         "within_target": bool(hwm) and hwm / 1024 <= MEMORY_TARGET_MIB,
-        "gateway_log_problems": log_problems,
+        "gateway_log_problems": memory_log_problems,
     })
     print_fn(f"  memory: {count} instances, {out['body_bytes'] / 1e9:.2f} GB in one request, {out['seconds']} s "
              f"({out['mb_per_s']} MB/s): gateway VmHWM {out['vmhwm_mib']} MiB "
@@ -855,54 +853,6 @@ _ROLE_MARKERS = (
     ("event loop", ("run_until_complete", "run_forever", "uvicorn", "serve (gateway/cli")),
 )
 
-
-def _role(joined_stack: str) -> str:
-    for role, markers in _ROLE_MARKERS:
-        if any(m in joined_stack for m in markers):
-            return role
-    return "idle or other"
-
-
-def summarise_pyspy(raw: Path, top: int = 12) -> dict[str, Any]:
-    """Samples per thread (role guessed from its stacks), and per thread the functions that were on
-    the CPU (leaf frames, 'self') and the gateway and server functions below which the time was
-    spent ('total')."""
-    per_thread: dict[str, Counter[str]] = defaultdict(Counter)
-    leafs: dict[str, Counter[str]] = defaultdict(Counter)
-    totals: dict[str, Counter[str]] = defaultdict(Counter)
-    samples: Counter[str] = Counter()
-    for line in raw.read_text(errors="replace").splitlines():
-        stack, _, count = line.rpartition(" ")
-        if not stack or not count.isdigit():
-            continue
-        n = int(count)
-        frames = stack.split(";")
-        thread = next((f for f in frames if f.startswith("thread (")), "thread (?)")
-        frames = [f for f in frames if not f.startswith(("thread (", "process "))]
-        samples[thread] += n
-        per_thread[thread][_role(";".join(frames))] += n
-        if frames:
-            leafs[thread][_frame_name(frames[-1])] += n
-        seen = set()
-        for f in frames:
-            name = _frame_name(f)
-            ours = any(m in f for m in ("gateway/", "starlette", "anyio", "h11", "httptools", "uvicorn"))
-            if ours and name not in seen:
-                seen.add(name)
-                totals[thread][name] += n
-    total = sum(samples.values())
-    threads = []
-    for thread, n in samples.most_common():
-        busy = [(r, c) for r, c in per_thread[thread].most_common() if r != "idle or other"]
-        role = "+".join(r for r, c in busy if c >= 0.1 * n) or "idle or other"
-        tid = re.match(r"thread \((\d+)\)", thread)
-        threads.append({
-            "thread": thread, "tid": int(tid.group(1)) if tid else None, "role": role, "samples": n,
-            "share": round(n / total, 3) if total else None,
-            "self": [[name, c, round(c / n, 3)] for name, c in leafs[thread].most_common(top)],
-            "total": [[name, c, round(c / n, 3)] for name, c in totals[thread].most_common(top)],
-        })
-    return {"samples": total, "threads": threads}
 
 
 def profile_gateway(ctx: Context, out_dir: Path, path: str, client: HttpStore) -> dict[str, Any]:
@@ -957,7 +907,7 @@ def profile_gateway(ctx: Context, out_dir: Path, path: str, client: HttpStore) -
         entry: dict[str, Any] = {"raw": str(raw), "store_seconds": runs, "errors": errors,
                                  "py_spy": err.splitlines()[-1] if err else ""}
         if raw.exists():
-            entry["summary"] = summarise_pyspy(raw)
+            entry["summary"] = summarise_pyspy(raw, _ROLE_MARKERS)
         results[mode] = entry
     clear_orthanc(ctx.server)
     return results
@@ -1214,27 +1164,14 @@ def run(args: argparse.Namespace, print_fn: Callable[[str], None] = print) -> di
             "problems": problems,
             "ok": not problems,
         },
-        "gateway_log_problems": [line for line in gateway_log.splitlines()
-                                 if any(level in line for level in ("WARNING", "ERROR", "CRITICAL", "Traceback"))][-50:],
+        "gateway_log_problems": log_problems(gateway_log),
         "elapsed_seconds": round(time.monotonic() - began, 1),
         "out": str(args.out),
     }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-
-    def on_term(signum: int, _frame: object) -> None:
-        raise SystemExit(128 + signum)  # unwinds the with-blocks: Orthanc, the gateways, the files on tmpfs
-
-    signal.signal(signal.SIGTERM, on_term)
-    report = run(args)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print()
-    print(render(report))
-    return 0 if report["checks"]["ok"] else 1
+    return bench_main(argv, parse_args, run, render)
 
 
 if __name__ == "__main__":

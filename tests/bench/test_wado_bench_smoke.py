@@ -6,30 +6,20 @@ chunks, with and without Content-Length."""
 
 from __future__ import annotations
 
-import json
-import math
-import os
 import random
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests.bench.smoke import finite, run_smoke
 from tests.support.realpacs import (
     ORTHANC_BINARY,
     ORTHANC_DICOMWEB_PLUGIN,
     require_binary,
 )
 
-ROOT = Path(__file__).resolve().parents[2]
 TIMEOUT = 150  # the smoke run takes about 5-10 s; this only bounds a hang
 GETSCU = "/usr/bin/getscu"
-
-
-def _finite(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @pytest.mark.bench
@@ -40,29 +30,10 @@ def test_wado_benchmark_smoke(tmp_path: Path) -> None:
     require_binary(ORTHANC_DICOMWEB_PLUGIN, "Orthanc's DICOMweb plugin (Debian package orthanc-dicomweb)")
     require_binary(GETSCU, "DCMTK getscu (Debian package dcmtk)")
     out = tmp_path / "wado.json"
-    # A process of its own: the benchmark configures pynetdicom process-wide, as the gateway does.
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.bench.wado", "--smoke", "--out", str(out)],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))},
-    )
-    try:
-        output, _ = proc.communicate(timeout=TIMEOUT)
-    except subprocess.TimeoutExpired:
-        proc.send_signal(signal.SIGTERM)  # lets it stop Orthanc and the gateways
-        try:
-            output, _ = proc.communicate(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            output, _ = proc.communicate()
-        pytest.fail(f"the smoke benchmark did not finish within {TIMEOUT} s:\n{output[-4000:]}")
-
-    assert out.exists(), f"no results file; exit {proc.returncode}:\n{output[-4000:]}"
-    report = json.loads(out.read_text())
+    report, output, returncode = run_smoke("wado", out, TIMEOUT)
     checks = report["checks"]
-    assert checks["errors_total"] == 0, (checks["error_samples"], output[-4000:])
     assert checks["problems"] == [], checks["problems"]
-    assert proc.returncode == 0, output[-4000:]
+    assert returncode == 0, output[-4000:]
 
     paths = set(report["paths"])
     assert {"gw-get", "gw-move", "getscu", "pynetdicom", "orthanc"} <= paths
@@ -82,20 +53,20 @@ def test_wado_benchmark_smoke(tmp_path: Path) -> None:
     for key, r in results.items():
         assert r["runs"] >= 1 and r["errors"] == 0, (key, r["error_samples"])
         for name in ("median_s", "min_s", "mb_per_s"):
-            assert _finite(r[name]) and r[name] > 0, (key, name, r[name])
+            assert finite(r[name]) and r[name] > 0, (key, name, r[name])
         if key[1] in ("gw-get", "gw-move", "orthanc"):
-            assert _finite(r["ttfb_ms"]) and r["ttfb_ms"] > 0, (key, r["ttfb_ms"])
+            assert finite(r["ttfb_ms"]) and r["ttfb_ms"] > 0, (key, r["ttfb_ms"])
     for target, ratio in report["ratios"].items():
         for name in ("gw_get_vs_getscu", "gw_get_vs_pynetdicom", "gw_get_vs_orthanc_wado",
                      "gw_move_vs_getscu", "gw_move_vs_pynetdicom", "gw_move_vs_orthanc_wado"):
-            assert _finite(ratio[name]) and ratio[name] > 0, (target, name, ratio[name])
+            assert finite(ratio[name]) and ratio[name] > 0, (target, name, ratio[name])
     for target, first in report["first_part"].items():
         for name in ("ttfb_ms", "listing_gateway_code_ms", "listing_ul_ms", "listing_pynetdicom_ms",
                      "ttfb_minus_listing_ms", "dimse_first_store_ms", "first_store_to_first_part_upper_bound_ms"):
-            assert _finite(first[name]), (target, name, first[name])
+            assert finite(first[name]), (target, name, first[name])
     slow = report["slow_client"]
     assert slow["error"] is None and slow["within_bound"], slow
-    assert _finite(slow["vmhwm_mb"]) and slow["vmhwm_mb"] > 0
+    assert finite(slow["vmhwm_mb"]) and slow["vmhwm_mb"] > 0
     assert slow["received_bytes"] > report["targets"]["series"]["dataset_bytes"]
     assert "gateway WADO-RS, C-GET" in output and "getscu" in output
 

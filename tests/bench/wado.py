@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import os
 import platform
@@ -59,7 +58,6 @@ import sys
 import tempfile
 import threading
 import time
-from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,6 +78,7 @@ from tests.support.realpacs import (
 )
 
 from . import procstat
+from .common import bench_main, log_problems, summarise_pyspy
 from .run import BenchGateway, _provenance
 
 GATEWAY_AE = "DICOMWEB-GW"
@@ -1126,7 +1125,7 @@ def profile_gateway(ctx: Context, out_dir: Path, target: Target, client: HttpPat
         entry: dict[str, Any] = {"raw": str(raw), "retrieve_seconds": runs, "errors": errors,
                                  "py_spy": err.splitlines()[-1] if err else ""}
         if raw.exists():
-            entry["summary"] = summarise_pyspy(raw)
+            entry["summary"] = summarise_pyspy(raw, _ROLE_MARKERS)
         results[mode] = entry
     return results
 
@@ -1179,65 +1178,6 @@ _ROLE_MARKERS = (
     ("event loop", ("run_until_complete", "run_forever", "uvicorn", "serve (gateway/cli")),
 )
 
-
-def _role(joined_stack: str) -> str:
-    for role, markers in _ROLE_MARKERS:
-        if any(m in joined_stack for m in markers):
-            return role
-    return "idle or other"
-
-
-def _frame_name(frame: str) -> str:
-    """``func (path/to/file.py:123)`` -> ``func (file.py)``."""
-    m = re.match(r"(.*) \((.*?):\d+\)$", frame)
-    if not m:
-        return frame
-    path = m.group(2)
-    parts = path.split("/")
-    short = "/".join(parts[-2:]) if "gateway" in parts else parts[-1]
-    return f"{m.group(1)} ({short})"
-
-
-def summarise_pyspy(raw: Path, top: int = 12) -> dict[str, Any]:
-    """Samples per thread (role guessed from its stacks), and per thread the functions that were on
-    the CPU (leaf frames, 'self') and the gateway functions below which the time was spent ('total')."""
-    per_thread: dict[str, Counter[str]] = defaultdict(Counter)
-    leafs: dict[str, Counter[str]] = defaultdict(Counter)
-    totals: dict[str, Counter[str]] = defaultdict(Counter)
-    samples: Counter[str] = Counter()
-    for line in raw.read_text(errors="replace").splitlines():
-        stack, _, count = line.rpartition(" ")
-        if not stack or not count.isdigit():
-            continue
-        n = int(count)
-        frames = stack.split(";")
-        thread = next((f for f in frames if f.startswith("thread (")), "thread (?)")
-        frames = [f for f in frames if not f.startswith(("thread (", "process "))]
-        samples[thread] += n
-        per_thread[thread][_role(";".join(frames))] += n
-        if frames:
-            leafs[thread][_frame_name(frames[-1])] += n
-        seen = set()
-        for f in frames:
-            name = _frame_name(f)
-            ours = any(m in f for m in ("gateway/", "starlette", "anyio", "h11", "httptools", "uvicorn"))
-            if ours and name not in seen:
-                seen.add(name)
-                totals[thread][name] += n
-    total = sum(samples.values())
-    threads = []
-    for thread, n in samples.most_common():
-        busy = [(r, c) for r, c in per_thread[thread].most_common() if r != "idle or other"]
-        role = "+".join(r for r, c in busy if c >= 0.1 * n) or "idle or other"
-        tid = re.match(r"thread \((\d+)\)", thread)
-        threads.append({
-            "thread": thread, "tid": int(tid.group(1)) if tid else None, "role": role,
-            "roles": dict(per_thread[thread].most_common()), "samples": n,
-            "share": round(n / total, 3) if total else None,
-            "self": [[name, c, round(c / n, 3)] for name, c in leafs[thread].most_common(top)],
-            "total": [[name, c, round(c / n, 3)] for name, c in totals[thread].most_common(top)],
-        })
-    return {"samples": total, "threads": threads}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1594,8 +1534,7 @@ def run(args: argparse.Namespace, print_fn: Callable[[str], None] = print) -> di
             "problems": problems,
             "ok": not problems,
         },
-        "gateway_log_problems": [line for line in gateway_log.splitlines()
-                                 if any(level in line for level in ("WARNING", "ERROR", "CRITICAL", "Traceback"))][-50:],
+        "gateway_log_problems": log_problems(gateway_log),
         "elapsed_seconds": round(time.monotonic() - began, 1),
         "out": str(args.out),
     }
@@ -1603,19 +1542,7 @@ def run(args: argparse.Namespace, print_fn: Callable[[str], None] = print) -> di
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-
-    def on_term(signum: int, _frame: object) -> None:
-        raise SystemExit(128 + signum)  # unwinds the with-blocks: Orthanc and the gateways are stopped
-
-    signal.signal(signal.SIGTERM, on_term)
-    report = run(args)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print()
-    print(render(report))
-    return 0 if report["checks"]["ok"] else 1
+    return bench_main(argv, parse_args, run, render)
 
 
 if __name__ == "__main__":
