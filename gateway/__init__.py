@@ -1,3 +1,3 @@
 """DICOMweb-to-DIMSE gateway."""
 
-__version__ = "0.1.0.dev0"
+__version__ = "0.1.0"

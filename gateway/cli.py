@@ -1,4 +1,4 @@
-"""``dicomweb-gateway``: serve | demo | echo | check-config."""
+"""``dicomweb-gateway``: serve | demo | echo | check-config | hash-key."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 import json
 import logging
 import sys
-from typing import Sequence
+from typing import Sequence, TextIO
 
 from .config import ConfigError, Settings, load_settings
 
@@ -14,8 +14,12 @@ log = logging.getLogger("gateway")
 
 
 def _load(path: str | None) -> Settings:
+    from .tls import check_files
+
     try:
-        return load_settings(path)
+        settings = load_settings(path)
+        check_files(settings)  # every certificate, key and CA file loads, or start-up stops here
+        return settings
     except ConfigError as exc:
         print(f"dicomweb-gateway: invalid configuration: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -24,12 +28,15 @@ def _load(path: str | None) -> Settings:
 def serve(settings: Settings) -> None:
     import uvicorn
 
+    from .admission import GracefulServer, server_options
     from .app import create_app
     from .logs import configure_logging
+    from .tls import https_options
 
     configure_logging(settings.server.log_level, settings.server.log_json)
+    app = create_app(settings)
     config = uvicorn.Config(
-        create_app(settings),
+        app,
         host=settings.server.host,
         port=settings.server.port,
         access_log=False,
@@ -37,8 +44,10 @@ def serve(settings: Settings) -> None:
         proxy_headers=False,
         server_header=False,
         lifespan="on",
+        **server_options(settings),  # request-head limits, keep-alive, the wait after the drain
+        **https_options(settings.server),  # HTTPS with the gateway's own context and certificate reload
     )
-    uvicorn.Server(config).run()
+    GracefulServer(config, app).run()  # SIGTERM: drain for limits.shutdown_grace, then exit
 
 
 def demo(args: argparse.Namespace) -> None:
@@ -50,6 +59,7 @@ def demo(args: argparse.Namespace) -> None:
         data={
             "server": {"host": args.host, "port": args.port},
             "gateway": {"ae_title": "DICOMWEB-GW"},
+            "auth": {"enabled": False},  # synthetic data on loopback: auth off, and said so explicitly
             "nodes": [{"name": "demo", "ae_title": "DEMO-PACS", "host": "127.0.0.1", "port": pacs.port, "default": True}],
         }
     )
@@ -91,6 +101,21 @@ def echo(settings: Settings, node_name: str, as_json: bool) -> int:
     return 0 if report["echo_status"] == "0x0000" else 1
 
 
+def hash_key(stdin: TextIO) -> int:
+    """Print the ``sha256:<hex>`` form of the API key on the first line of ``stdin``, for
+    ``[[auth.api_keys]] hash``; the key itself never goes into the configuration."""
+    from .auth import MIN_API_KEY_LENGTH, hash_api_key
+
+    key = stdin.readline().strip()
+    if len(key) < MIN_API_KEY_LENGTH:
+        print(f"dicomweb-gateway: an API key needs at least {MIN_API_KEY_LENGTH} characters of random text "
+              "(its hash is a fast SHA-256, safe only for keys nobody can guess); make one with\n"
+              "  python3 -c 'import secrets; print(secrets.token_urlsafe(32))'", file=sys.stderr)
+        return 2
+    print(hash_api_key(key))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="dicomweb-gateway", description="A DICOMweb face on any DIMSE PACS.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -106,6 +131,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p_echo.add_argument("--json", action="store_true")
     p_check = sub.add_parser("check-config", help="validate a settings file and print the result")
     p_check.add_argument("--config", "-c")
+    sub.add_parser("hash-key", help="print the hash of an API key read from standard input, for [[auth.api_keys]]")
     args = parser.parse_args(argv)
 
     if args.command == "serve":
@@ -117,6 +143,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     elif args.command == "check-config":
         settings = _load(args.config)
         print(f"configuration OK: {len(settings.nodes)} node(s), default {settings.default_node.name!r}")
+    elif args.command == "hash-key":
+        raise SystemExit(hash_key(sys.stdin))
 
 
 if __name__ == "__main__":

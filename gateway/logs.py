@@ -1,5 +1,14 @@
 """Application logging: plain or JSON lines, with the request ID on every record.
 
+The request ID lives in a context variable (gateway/middleware.py), stamped on each record by a
+filter when it is written. It reaches every thread that works for a request: anyio's worker threads
+(``to_thread.run_sync`` copies the context, and the DIMSE work of gateway/dimse runs there), tasks
+started in a node pool's task group (asyncio copies the context of the task that starts them), and
+the C-MOVE receiver's threads (each move carries the context of the request that registered it).
+
+With ``log_json`` every line is one JSON object, Python warnings and exceptions that end a thread
+included, so a log shipper never meets a line it cannot parse.
+
 By default nothing here carries patient data: the access log names routes, not paths with UIDs or
 query strings, and pynetdicom is told not to log identifiers (gateway/dimse/net.py).
 """
@@ -9,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import threading
 import time
 
 from .middleware import DropStreamAborted, request_id_var
@@ -27,6 +37,7 @@ class JsonFormatter(logging.Formatter):
             "level": record.levelname.lower(),
             "logger": record.name,
             "request_id": getattr(record, "request_id", "-"),
+            "thread": record.threadName,
             "message": record.getMessage(),
         }
         if record.exc_info:
@@ -51,3 +62,15 @@ def configure_logging(level: str = "info", json_lines: bool = False) -> None:
         logger.addFilter(DropStreamAborted())
     # uvicorn's own access log prints query strings; ours (gateway.access) does not.
     logging.getLogger("uvicorn.access").disabled = True
+    logging.captureWarnings(True)  # warnings.warn(...) as log records, not bare lines on stderr
+    threading.excepthook = _log_thread_exception
+
+
+def _log_thread_exception(args: threading.ExceptHookArgs) -> None:
+    """An exception that ends a thread, as one log record instead of a traceback on stderr."""
+    if args.exc_type is SystemExit:
+        return
+    name = args.thread.name if args.thread is not None else "?"
+    logging.getLogger("gateway.error").error(
+        "unexpected error in thread %s", name,
+        exc_info=(args.exc_type, args.exc_value or args.exc_type(), args.exc_traceback))

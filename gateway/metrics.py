@@ -19,7 +19,8 @@ Who records what:
 
 This module imports nothing from the HTTP side (no starlette), so the DIMSE layer can use it.
 
-There is no response cache yet, so there are no cache hit or miss series.
+The instance cache (gateway/dicomweb/cache.py) is read when collected: its bytes, instances, hits,
+misses and evictions.
 """
 
 from __future__ import annotations
@@ -174,6 +175,32 @@ class _PoolCollector(Collector):
         return (in_use, idle, cap, opened)
 
 
+class _CacheCollector(Collector):
+    """The instance cache (gateway/dicomweb/cache.py), read when collected."""
+
+    def __init__(self) -> None:
+        self.cache: object | None = None
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+    def collect(self) -> Iterable[Metric]:
+        cache = self.cache
+        if cache is None:
+            return
+        size = GaugeMetricFamily(PREFIX + "cache_bytes", "Bytes of instances held by the instance cache")
+        size.add_metric([], getattr(cache, "bytes"))
+        count = GaugeMetricFamily(PREFIX + "cache_instances", "Instances held by the instance cache")
+        count.add_metric([], len(cache))  # type: ignore[arg-type]
+        lookups = CounterMetricFamily(PREFIX + "cache_lookups", "Instance cache lookups, by result",
+                                      labels=["result"])
+        lookups.add_metric(["hit"], getattr(cache, "hits"))
+        lookups.add_metric(["miss"], getattr(cache, "misses"))
+        evictions = CounterMetricFamily(PREFIX + "cache_evictions", "Instances evicted to stay under the cap")
+        evictions.add_metric([], getattr(cache, "evictions"))
+        yield from (size, count, lookups, evictions)
+
+
 class Metrics:
     """The application's registry and every series in it."""
 
@@ -208,6 +235,8 @@ class Metrics:
             "Data set bytes of STOW-RS instances handed to the node for C-STORE", ["node"], registry=r)
         self._pools = _PoolCollector()
         r.register(self._pools)
+        self._cache = _CacheCollector()
+        r.register(self._cache)
 
     # -- HTTP side --------------------------------------------------------------------------------
 
@@ -229,6 +258,10 @@ class Metrics:
         for pool in pools:
             pool.metrics = self.node(pool.name)
             self._pools.pools.append(pool)
+
+    def watch_cache(self, cache: object) -> None:
+        """Report the instance cache's size, hits, misses and evictions."""
+        self._cache.cache = cache
 
     # -- exposition -------------------------------------------------------------------------------
 

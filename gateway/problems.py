@@ -23,6 +23,7 @@ from gateway.dimse.errors import (
     NodeUnreachable,
     PoolExhausted,
     ServiceNotSupported,
+    TlsFailure,
 )
 
 log = logging.getLogger("gateway.http")
@@ -70,6 +71,8 @@ def from_dimse(exc: DimseError) -> HttpProblem:
         return HttpProblem(504, "pacs-timeout", where)
     if isinstance(exc, NodeUnreachable):
         return HttpProblem(502, "pacs-unreachable", where)
+    if isinstance(exc, TlsFailure):
+        return HttpProblem(502, "pacs-tls-failure", where)
     if isinstance(exc, ConnectionLost):
         return HttpProblem(502, "pacs-connection-lost", where)
     if isinstance(exc, ServiceNotSupported):

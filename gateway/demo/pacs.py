@@ -39,6 +39,7 @@ Originator attributes (unless ``omit_move_originator`` is set).
 from __future__ import annotations
 
 import socket
+import ssl
 import threading
 import time
 from collections import deque
@@ -277,10 +278,16 @@ class DemoPACS:
     * ``max_associations``: maximum number of simultaneous associations;
     * ``move_destinations``: C-MOVE destinations, AE title -> (host, port).
 
+    DICOM TLS (set before ``start()``): ``ssl_context``, a server context, makes
+    the DICOM port speak TLS (client certificates as that context requires);
+    ``move_tls``, a client context, makes C-MOVE sub-associations TLS
+    (the destination's host name is the name checked).
+
     Counters (``reset_counters()`` zeroes them): ``cancels_received`` (C-CANCELs
     seen while a C-FIND/C-GET/C-MOVE was still running, once per request),
     ``associations_total``, ``associations_current``, ``associations_peak``
-    (accepted associations), ``find_requests``, ``last_find_identifiers`` and
+    (accepted associations), ``find_requests``, ``retrieve_requests`` (C-GET and
+    C-MOVE requests; ``last_retrieve_levels`` their Query/Retrieve Levels), ``last_find_identifiers`` and
     ``stored`` (SOP Instance UID -> calling AE title, for each C-STORE).
 
     ``start()`` also turns off pynetdicom's (process-wide) logging of C-FIND
@@ -294,8 +301,12 @@ class DemoPACS:
         port: int = 0,
         datasets: Iterable[Dataset] | None = None,
         move_destinations: dict[str, tuple[str, int]] | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+        move_tls: ssl.SSLContext | None = None,
     ) -> None:
         self.ae_title = ae_title
+        self.ssl_context = ssl_context
+        self.move_tls = move_tls
         self.host = host
         self.port = port
         self.move_destinations: dict[str, tuple[str, int]] = dict(move_destinations or {})
@@ -334,6 +345,7 @@ class DemoPACS:
         server = self._ae.start_server(
             (self.host, self.port),
             block=False,
+            ssl_context=self.ssl_context,
             evt_handlers=[
                 (evt.EVT_CONN_OPEN, _set_tcp_nodelay),
                 (evt.EVT_ACCEPTED, self._on_accepted),
@@ -411,6 +423,8 @@ class DemoPACS:
             self.associations_peak = len(self._active)
             self.find_requests = 0
             self.find_matches_sent = 0
+            self.retrieve_requests = 0  # C-GET and C-MOVE requests
+            self.last_retrieve_levels: list[str] = []
             self._last_find.clear()
             self.stored: dict[str, str] = {}
 
@@ -558,7 +572,13 @@ class DemoPACS:
                 blob = self._instances[uid][0]
             yield PENDING, pydicom.dcmread(BytesIO(blob))
 
+    def _count_retrieve(self, event: Event) -> None:
+        with self._lock:
+            self.retrieve_requests += 1
+            self.last_retrieve_levels.append(str(getattr(event.identifier, "QueryRetrieveLevel", "")))
+
     def _on_get(self, event: Event) -> Iterator[Any]:
+        self._count_retrieve(event)
         try:
             uids = self._select(event.identifier, _RETRIEVE_MODELS[_sop_class(event)])
         except _IdentifierError:
@@ -569,6 +589,7 @@ class DemoPACS:
         yield from self._retrieve(event, uids)
 
     def _on_move(self, event: Event) -> Iterator[Any]:
+        self._count_retrieve(event)
         destination = self.move_destinations.get(event.move_destination or "")
         if destination is None:
             yield None, None  # pynetdicom answers 0xA801
@@ -578,15 +599,14 @@ class DemoPACS:
         # pynetdicom then answers 0xC514 without associating.
         uids = self._select(event.identifier, _RETRIEVE_MODELS[_sop_class(event)])
         host, port = destination
-        yield (
-            host,
-            port,
-            {
-                "contexts": self._move_contexts(uids),
-                "evt_handlers": [(evt.EVT_CONN_OPEN, _set_tcp_nodelay)],
-                "move_originator": "" if self.omit_move_originator else event.assoc.requestor.ae_title,
-            },
-        )
+        options: dict[str, Any] = {
+            "contexts": self._move_contexts(uids),
+            "evt_handlers": [(evt.EVT_CONN_OPEN, _set_tcp_nodelay)],
+            "move_originator": "" if self.omit_move_originator else event.assoc.requestor.ae_title,
+        }
+        if self.move_tls is not None:
+            options["tls_args"] = (self.move_tls, host)
+        yield host, port, options
         yield len(uids)
         yield from self._retrieve(event, uids)
 

@@ -151,6 +151,8 @@ def dataset_to_json(
     bulk_data: BulkDataHandler | None = None,
     bulk_threshold: int = 1024,
     exclude: Callable[[BaseTag], bool] | None = None,
+    binary_threshold: int | None = None,
+    item_indices: bool = False,
 ) -> str:
     """Return the DICOM JSON text of one dataset object (``{...}``).
 
@@ -169,8 +171,14 @@ def dataset_to_json(
         Byte length above which non-binary values are offered to `bulk_data`.
     exclude
         Predicate for top-level tags to leave out.
+    binary_threshold
+        When given, binary values of at most this many bytes are InlineBinary without asking
+        `bulk_data` (pixel data is always offered).
+    item_indices
+        Put the index of the sequence item in the tag path after each sequence's tag, so that
+        a path names one value (``(seq, 0, tag)``).
     """
-    node = _Encoder(bulk_data, bulk_threshold).dataset(ds, (), None, exclude)
+    node = _Encoder(bulk_data, bulk_threshold, binary_threshold, item_indices).dataset(ds, (), None, exclude)
     parts: list[str] = []
     _write(node, parts.append)
     return "".join(parts)
@@ -467,9 +475,12 @@ class _Level:
 
 
 class _Encoder:
-    def __init__(self, bulk_data: BulkDataHandler | None, bulk_threshold: int):
+    def __init__(self, bulk_data: BulkDataHandler | None, bulk_threshold: int, binary_threshold: int | None = None,
+                 item_indices: bool = False):
         self.bulk_data = bulk_data
         self.bulk_threshold = bulk_threshold
+        self.binary_threshold = binary_threshold
+        self.item_indices = item_indices
 
     # -- datasets ---------------------------------------------------------
 
@@ -522,9 +533,17 @@ class _Encoder:
             return None
         return self._bulk_uri(level, tag, vr)
 
+    def _inline_binary(self, tag: BaseTag, length: int) -> bool:
+        return (self.binary_threshold is not None and tag != _PIXEL_DATA
+                and length != _UNDEFINED_LENGTH and length <= self.binary_threshold)
+
     def _binary(
         self, level: _Level, tag: BaseTag, vr: str, data: Callable[[], bytes]
     ) -> dict[str, Any]:
+        if self.binary_threshold is not None and tag != _PIXEL_DATA:
+            value = data()
+            if len(value) <= self.binary_threshold:
+                return {"vr": vr, "InlineBinary": base64.b64encode(value).decode("ascii")}
         uri = self._bulk_uri(level, tag, vr)
         if uri is not None:
             return {"vr": vr, "BulkDataURI": uri}
@@ -596,7 +615,7 @@ class _Encoder:
             if raw.length == 0:
                 return {"vr": vr}
             # Deferred read: binary values may go to bulk data unread.
-            if vr in BINARY_VRS:
+            if vr in BINARY_VRS and not self._inline_binary(tag, raw.length):
                 uri = self._bulk_uri(level, tag, vr)
                 if uri is not None:
                     return {"vr": vr, "BulkDataURI": uri}
@@ -664,7 +683,10 @@ class _Encoder:
             if _is_empty(value):
                 return {"vr": "SQ"}
             path = level.path + (tag,)
-            items = [self.dataset(item, path, level.pixel_rep) for item in value]
+            if self.item_indices:
+                items = [self.dataset(item, path + (BaseTag(i),), level.pixel_rep) for i, item in enumerate(value)]
+            else:
+                items = [self.dataset(item, path, level.pixel_rep) for item in value]
             return {"vr": "SQ", "Value": items}
         if _is_empty(value):
             return {"vr": vr}

@@ -494,7 +494,8 @@ class BulkPart(NamedTuple):
 
 @dataclass(frozen=True)
 class BulkChoice:
-    """Acceptable parts for bulk data or frames, most preferred first; always multipart/related.
+    """Acceptable parts for bulk data or frames, most preferred first. ``media_type`` is
+    multipart/related, or the part type itself for a single-part answer.
 
     A ``"*"`` transfer syntax means as stored; with a compressed part type, only if the stored
     syntax belongs to that type (``PART_TYPE_SYNTAXES``).
@@ -506,11 +507,20 @@ class BulkChoice:
     media_type: str = MULTIPART
 
 
-def _bulk_matcher(supported: Collection[str]) -> _Matcher:
+def _bulk_matcher(supported: Collection[str], single_part: bool = False) -> _Matcher:
     def match(media_range: MediaRange) -> list[_Candidate]:
-        if media_range.media_type not in ("*/*", "multipart/*", MULTIPART):
-            return []  # single-part bulk types are not offered
-        part_type = media_range.part_type or OCTET_STREAM
+        if media_range.media_type in ("*/*", "multipart/*", MULTIPART):
+            media_type = MULTIPART
+            part_type = media_range.part_type or OCTET_STREAM
+            if part_type in ("*/*", "*"):
+                # any part type (dicomweb-client's default): as stored, unless a syntax is named
+                ts = _acceptable_ts(media_range.transfer_syntax or ANY_TRANSFER_SYNTAX, EXPLICIT_VR_LE,
+                                    set(supported) - {DEFLATED_EXPLICIT_VR_LE})
+                return [] if ts is None else [_Candidate(MULTIPART, OCTET_STREAM, ts, media_range.q)]
+        elif single_part and (media_range.media_type == OCTET_STREAM or media_range.media_type in PART_TYPE_SYNTAXES):
+            media_type = part_type = media_range.media_type
+        else:
+            return []  # single-part types only where the resource is one item
         allowed: Collection[str]
         if part_type == OCTET_STREAM:
             allowed = set(supported) - {DEFLATED_EXPLICIT_VR_LE}  # deflate is for data sets, not bulk bytes
@@ -521,7 +531,7 @@ def _bulk_matcher(supported: Collection[str]) -> _Matcher:
         else:
             return []
         ts = _acceptable_ts(media_range.transfer_syntax, default, allowed)
-        return [] if ts is None else [_Candidate(MULTIPART, part_type, ts, media_range.q)]
+        return [] if ts is None else [_Candidate(media_type, part_type, ts, media_range.q)]
 
     return match
 
@@ -532,20 +542,24 @@ def choose_bulk_media(
     *,
     strict: bool = False,
     supported: Collection[str] = SUPPORTED_TRANSFER_SYNTAXES,
+    single_part: bool = False,
 ) -> BulkChoice:
     """Part types and transfer syntaxes for Bulkdata and Pixel Data resources (Tables 8.7.3-4/-5).
 
     The default is ``multipart/related; type="application/octet-stream"`` in Explicit VR LE (raw
-    little-endian bytes). Only multipart ranges count; single-part bulk types are not offered.
+    little-endian bytes). Single-part types (``application/octet-stream``, ``image/jls``, ...) count
+    only with ``single_part``: for a resource that is one item (one frame, one bulk data value).
     ``strict`` and ``supported`` as for ``choose_instance_media``. Raises ``HttpProblem`` 400 for
     mixed types, 406 if nothing acceptable.
     """
     request = _read(accept_header, accept_params, strict)
-    candidates = request.ranked(_bulk_matcher(supported))
+    candidates = request.ranked(_bulk_matcher(supported, single_part))
     if not candidates:
         raise _refusal(request, _BULK_OFFER)
-    parts = tuple(dict.fromkeys(BulkPart(c.part_type, c.transfer_syntax) for c in candidates))
-    return BulkChoice(parts, candidates[0].q, any(is_lossy(p.transfer_syntax) for p in parts))
+    media_type = candidates[0].media_type
+    parts = tuple(dict.fromkeys(BulkPart(c.part_type, c.transfer_syntax) for c in candidates
+                                if c.media_type == media_type))
+    return BulkChoice(parts, candidates[0].q, any(is_lossy(p.transfer_syntax) for p in parts), media_type)
 
 
 _BULK_OFFER = (

@@ -29,6 +29,7 @@ from starlette.responses import Response, StreamingResponse
 from gateway.dimse.errors import DimseError
 from gateway.dimse.find import STUDY_ROOT
 from gateway.dimse.node import NodeClient
+from gateway.guards import Refusal, guard_search
 from gateway.middleware import StreamAborted
 from gateway.problems import HttpProblem, bad_request, from_dimse, not_acceptable
 
@@ -304,6 +305,10 @@ async def search(request: Request, ctx: SearchContext, resource: Resource) -> Re
         query = parse_query(text)
     except QueryError as exc:
         raise bad_request(exc.message, exc.parameter) from None
+    try:
+        guard_search(query, resource.study_uid is not None, ctx.node.settings)
+    except Refusal as exc:
+        raise HttpProblem(400, "query-too-broad", exc.message, exc.parameter) from None
     media_type = choose_media_type(request.headers.get("accept"), query.accept, query.charset, ctx.strict_accept)
     try:
         caps = await ctx.node.capabilities()

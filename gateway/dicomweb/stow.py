@@ -46,6 +46,7 @@ import anyio
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
+from gateway.audit import note_instances
 from gateway.dimse.node import NodeClient
 from gateway.dimse.store import (
     CANNOT_UNDERSTAND,
@@ -148,6 +149,8 @@ async def store_instances(request: Request, ctx: StowContext, study: str | None)
         await _store_multipart(request, ctx, study, upload, params)
     else:  # application/dicom+json, checked by _content_type
         await _store_json(request, ctx, study, upload, params)
+    stored = [r for r in upload.results if r.stored]
+    note_instances(request, [r.sop_instance or "" for r in stored], studies=[r.study or "" for r in stored])
     return _respond(ctx, study, upload, response_type, time.monotonic() - started)
 
 

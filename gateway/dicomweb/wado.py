@@ -24,6 +24,7 @@ from pydicom.dataset import Dataset
 from starlette.requests import Request
 from starlette.responses import Response
 
+from gateway.audit import note_instances
 from gateway.dimse.errors import DimseError
 from gateway.dimse.node import NodeClient
 from gateway.dimse.retrieve import RetrieveOutcome, RetrieveRequest, RetrieveDone, RetrieveFailed
@@ -284,6 +285,7 @@ async def retrieve(request: Request, ctx: WadoContext, level: Level, study: str,
             for buffer in first.payload:
                 yield buffer
             sent += 1
+            note_instances(request, (first.sop_instance_uid,))
             async for item in stream:
                 if isinstance(item, Part):
                     if boundary is None:
@@ -293,6 +295,7 @@ async def retrieve(request: Request, ctx: WadoContext, level: Level, study: str,
                     for buffer in item.payload:
                         yield buffer
                     sent += 1
+                    note_instances(request, (item.sop_instance_uid,))
                 elif isinstance(item, RetrieveFailed):
                     outcome = item.outcome
                     raise _Abort(f"{type(item.error).__name__}: {item.error.message}")

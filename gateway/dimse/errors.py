@@ -23,6 +23,13 @@ class ConnectionLost(DimseError):
     """The PACS closed or aborted the association while an operation was in progress."""
 
 
+class TlsFailure(DimseError):
+    """DICOM TLS did not come up: the PACS's certificate was not accepted (unknown CA, wrong name,
+    expired), the PACS refused ours or wanted one, or one side speaks TLS and the other does not.
+    Not retried (a retry fails the same way) and not counted by the circuit breaker: the PACS
+    answered, and the cause is configuration, which a breaker cannot fix."""
+
+
 class AssociationRejected(DimseError):
     """A-ASSOCIATE-RJ. ``transient`` is True for result 2 (rejected-transient)."""
 

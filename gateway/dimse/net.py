@@ -8,12 +8,15 @@ it is configured here once: no identifiers (patient data) in its logs, and no pe
 from __future__ import annotations
 
 import logging
-import ssl
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from pynetdicom import _config
 
 from gateway import __version__
+
+if TYPE_CHECKING:
+    from gateway.tls import DicomTls
 
 IMPLEMENTATION_CLASS_UID = "1.2.826.0.1.3680043.10.1137.1"
 IMPLEMENTATION_VERSION_NAME = ("DWGW_" + __version__.replace(".", ""))[:16]
@@ -47,4 +50,4 @@ class Peer:
     acse_timeout: float
     dimse_timeout: float
     calling_ae: str = "DICOMWEB-GW"
-    tls: tuple[ssl.SSLContext, str] | None = None
+    tls: DicomTls | None = None  # DICOM TLS to this PACS (gateway/tls.py)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ssl
 from contextlib import asynccontextmanager
 from typing import AsyncIterator
 
@@ -10,6 +9,7 @@ import anyio
 import anyio.abc
 
 from gateway.config import NodeSettings, Settings
+from gateway.tls import receiver_context, tls_for_node
 
 from .breaker import CircuitBreaker
 from .find import FindService
@@ -17,15 +17,6 @@ from .net import Peer
 from .pool import AssociationPool, Capabilities
 from .receiver import MoveReceiver
 from .retrieve import Retriever
-
-
-def tls_context(node: NodeSettings) -> tuple[ssl.SSLContext, str] | None:
-    if not node.tls.enabled:
-        return None
-    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=node.tls.ca_file or None)
-    if node.tls.cert_file:
-        context.load_cert_chain(node.tls.cert_file, node.tls.key_file)
-    return context, node.tls.server_name or node.host
 
 
 def peer_for(node: NodeSettings, calling_ae: str) -> Peer:
@@ -40,7 +31,7 @@ def peer_for(node: NodeSettings, calling_ae: str) -> Peer:
         acse_timeout=t.acse,
         dimse_timeout=t.dimse,
         calling_ae=calling_ae,
-        tls=tls_context(node),
+        tls=tls_for_node(node),
     )
 
 
@@ -106,7 +97,8 @@ async def open_nodes(settings: Settings) -> AsyncIterator[Nodes]:
     if wants_receiver(settings):
         g = settings.gateway
         receiver = MoveReceiver(g.ae_title, g.move_host, g.move_port,
-                                allowed_calling={n.ae_title for n in settings.nodes})
+                                allowed_calling={n.ae_title for n in settings.nodes},
+                                ssl_context=receiver_context(settings))
         await anyio.to_thread.run_sync(receiver.start)
     try:
         async with anyio.create_task_group() as tg:

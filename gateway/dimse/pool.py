@@ -81,13 +81,15 @@ class PooledAssociation:
 
 def connect(peer: Peer, proposal: Proposal) -> Association:
     """Open an association to ``peer`` (blocking: call from a worker thread)."""
-    return open_association(
+    assoc = open_association(
         node=peer.name, host=peer.host, port=peer.port, calling_ae=peer.calling_ae, called_ae=peer.ae_title,
         proposal=proposal, max_pdu=peer.max_pdu, connect_timeout=peer.connect_timeout,
         acse_timeout=peer.acse_timeout, dimse_timeout=peer.dimse_timeout,
         implementation_class_uid=IMPLEMENTATION_CLASS_UID, implementation_version_name=IMPLEMENTATION_VERSION_NAME,
         tls=peer.tls,
     )
+    log.debug("node %r: association opened (%d presentation context(s) accepted)", peer.name, len(assoc.accepted))
+    return assoc
 
 
 def _capabilities(assoc: Association) -> Capabilities:
@@ -128,6 +130,7 @@ class AssociationPool:
         # Threads: one per busy association plus one per association being opened or closed.
         self.limiter = anyio.CapacityLimiter(max_associations * 2)
         self.in_use = 0
+        self._held: set[Association] = set()  # held by an operation now: what a shutdown past its grace aborts
         self.opened_total = 0
         self.last_capabilities: Capabilities | None = None
         # guards every new association (threshold 0: disabled); see gateway/dimse/breaker.py
@@ -220,10 +223,12 @@ class AssociationPool:
                 pooled = self._idle.pop()
                 fresh = time.monotonic() - pooled.last_used < self.idle_timeout
                 if fresh and pooled.assoc.idle_and_healthy():
+                    self._held.add(pooled.assoc)
                     return pooled
                 self.spawn(self._close, pooled.assoc)  # the PACS released, aborted or closed it while idle
             pooled = await self._attempt(self._open)
             self.opened_total += 1
+            self._held.add(pooled.assoc)
             return pooled
         except BaseException:
             self._give_slot()
@@ -239,18 +244,21 @@ class AssociationPool:
                 await self._close(self._idle.pop(0).assoc)
             assoc = await self._attempt(connect, self.peer, proposal)
             self.opened_total += 1
+            self._held.add(assoc)
             return assoc
         except BaseException:
             self._give_slot()
             raise
 
     async def close_dedicated(self, assoc: Association) -> None:
+        self._held.discard(assoc)
         try:
             await self._close(assoc)
         finally:
             self._give_slot()
 
     async def release(self, pooled: PooledAssociation) -> None:
+        self._held.discard(pooled.assoc)
         if pooled.alive and not self._closed:
             pooled.last_used = time.monotonic()
             self._idle.append(pooled)
@@ -278,6 +286,14 @@ class AssociationPool:
     @property
     def idle_count(self) -> int:
         return len(self._idle)
+
+    def abort_held(self) -> int:
+        """A-ABORT every association an operation holds (a shutdown past its grace): the threads
+        blocked on them wake up with an error at once. How many there were."""
+        held = list(self._held)
+        for assoc in held:
+            assoc.abort()
+        return len(held)
 
     async def aclose(self) -> None:
         self._closed = True

@@ -8,13 +8,18 @@ and in parallel. Each C-STORE is matched to the C-MOVE that asked for it:
   that expects that instance and has not received it yet.
 An instance nobody asked for is refused (0x0124), so concurrent retrieves never receive each
 other's instances.
+
+With ``ssl_context`` (``gateway.move_tls_*``, gateway/tls.py) the receiver speaks DICOM TLS: each
+connection's handshake runs in its own thread, within the ACSE timeout.
 """
 
 from __future__ import annotations
 
+import contextvars
 import itertools
 import logging
 import socket
+import ssl
 import threading
 from collections.abc import Callable
 
@@ -50,6 +55,7 @@ RECEIVE_SYNTAXES = (
 )
 MAX_INBOUND = 64
 IDLE_TIMEOUT = 60.0
+ACSE_TIMEOUT = 10.0  # for the TLS handshake, then again for the association request
 
 REFUSED = 0x0124  # Refused: not authorized (no retrieve asked for this instance)
 OUT_OF_RESOURCES = 0xA700  # what a move whose client has gone answers
@@ -64,6 +70,8 @@ class _Move:
         self.expected = expected
         self.received: set[str] = set()
         self.lock = threading.Lock()
+        # the registering request's context (its request ID), for what the sink logs on our threads
+        self.context = contextvars.copy_context()
 
     def claims(self, sop_instance_uid: str) -> bool:
         with self.lock:
@@ -76,9 +84,11 @@ class MoveReceiver:
     """Owns the storage SCP (on the gateway's own upper layer) and the table of moves in flight."""
 
     def __init__(self, ae_title: str, host: str, port: int, max_pdu: int = 1 << 20,
-                 allowed_calling: set[str] | None = None) -> None:
-        """``allowed_calling``: the AE titles that may send (the configured nodes); None admits any."""
+                 allowed_calling: set[str] | None = None, ssl_context: ssl.SSLContext | None = None) -> None:
+        """``allowed_calling``: the AE titles that may send (the configured nodes); None admits any.
+        ``ssl_context``: DICOM TLS (a server context), or None for plain DICOM."""
         self.ae_title = ae_title
+        self.ssl_context = ssl_context
         self.allowed_calling = allowed_calling
         self.host = host
         self.port = port
@@ -139,11 +149,32 @@ class MoveReceiver:
             threading.Thread(target=self._serve, args=(conn, busy), name="move-receiver-association",
                              daemon=True).start()
 
+    def _tls(self, conn: socket.socket) -> socket.socket | None:
+        """The connection with the TLS handshake done, or None (logged) when it failed."""
+        assert self.ssl_context is not None
+        try:
+            wrapped = self.ssl_context.wrap_socket(conn, server_side=True)
+        except (ssl.SSLError, OSError) as exc:
+            reason = exc.reason if isinstance(exc, ssl.SSLError) and exc.reason else (exc.strerror or str(exc))
+            log.warning("move receiver: TLS handshake with a PACS failed (%s)", reason)
+            return None
+        with self._lock:  # stop() shuts down what the set holds
+            self._connections.discard(conn)
+            self._connections.add(wrapped)
+        return wrapped
+
     def _serve(self, conn: socket.socket, busy: bool) -> None:
         try:
+            conn.settimeout(ACSE_TIMEOUT)  # the handshake and the association request come within it
+            if self.ssl_context is not None:
+                wrapped = self._tls(conn)
+                if wrapped is None:
+                    return
+                conn = wrapped
             assoc = accept_association(
                 conn, node="move-receiver", ae_title=self.ae_title, supported=self._supported, max_pdu=self.max_pdu,
-                acse_timeout=10.0, dimse_timeout=IDLE_TIMEOUT, implementation_class_uid=IMPLEMENTATION_CLASS_UID,
+                acse_timeout=ACSE_TIMEOUT, dimse_timeout=IDLE_TIMEOUT,
+                implementation_class_uid=IMPLEMENTATION_CLASS_UID,
                 implementation_version_name=IMPLEMENTATION_VERSION_NAME, busy=busy,
                 allowed_calling=self.allowed_calling,
             )
@@ -195,7 +226,7 @@ class MoveReceiver:
                 if store.sop_instance_uid in move.received:
                     continue  # another thread gave it to this move meanwhile
                 move.received.add(store.sop_instance_uid)
-            status = move.sink(store)
+            status = move.context.copy().run(move.sink, store)
             if status != OUT_OF_RESOURCES:
                 return status
             # that move's client has gone: matched by UID only, the instance may be another's too

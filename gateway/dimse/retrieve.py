@@ -54,6 +54,7 @@ MAX_CONTEXTS = 128
 NATIVE = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 SUCCESS, OUT_OF_RESOURCES = 0x0000, 0xA700
 CANCELLED = 0xFE00
+HANDOFF_BUDGET = 16 << 20  # bytes a retrieve may queue between its DIMSE thread and the response
 
 
 @dataclass(frozen=True)
@@ -285,7 +286,7 @@ class Retriever:
 
     def start(
         self, request: RetrieveRequest, prepare: Callable[[StoreRequest], T], size: Callable[[T], int], *,
-        stall_timeout: float, budget: int = 16 << 20,
+        stall_timeout: float, budget: int = HANDOFF_BUDGET,
     ) -> tuple[Handoff, Callable[[], None]]:
         """Start a retrieve in the pool's task group (call from the event loop). The hand-off yields
         prepared instances, then one ``RetrieveDone`` or ``RetrieveFailed`` item; ``size`` tells the

@@ -14,6 +14,12 @@ owns the socket instead and works in the calling (worker) thread:
 
 An ``Association`` is used by one thread at a time, except ``cancel`` and ``abort``, which may be
 called from any thread while an operation runs (sends are serialized by a lock).
+
+DICOM TLS (gateway/tls.py): the socket is wrapped right after the TCP connect, the handshake bounded
+by the ACSE timeout. OpenSSL does not allow one TLS connection to be used by two threads at once, so
+over TLS every read runs non-blocking under the send lock, and the wait for data outside it.
+Handshake failures, and a TLS session the PACS ends while the association is being negotiated,
+raise ``TlsFailure``; so does a plain association answered with TLS.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ import time
 from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from io import BytesIO
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
@@ -44,7 +50,10 @@ from pynetdicom.pdu_primitives import (
 )
 from pynetdicom.presentation import PresentationContext, negotiate_as_acceptor, negotiate_as_requestor
 
-from .errors import AssociationRejected, ConnectionLost, DimseTimeout, NodeUnreachable, ServiceNotSupported
+from .errors import AssociationRejected, ConnectionLost, DimseTimeout, NodeUnreachable, ServiceNotSupported, TlsFailure
+
+if TYPE_CHECKING:
+    from gateway.tls import DicomTls
 
 APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
 VERIFICATION = "1.2.840.10008.1.1"
@@ -185,6 +194,9 @@ class Association:
         self.established = True
         self.aborted = False
         self._send_lock = threading.Lock()
+        self._tls = isinstance(sock, ssl.SSLSocket)
+        if self._tls:
+            sock.settimeout(0)  # non-blocking between calls: see _tls_recv_into
         # the most bytes one P-DATA-TF may carry to the peer (0 = no limit announced)
         self._send_limit = negotiated.peer_max_pdu or 1 << 24
         self._header = bytearray(6)
@@ -208,6 +220,8 @@ class Association:
         """True if nothing arrived while idle: a peer that released, aborted or closed shows as readable."""
         if not self.established:
             return False
+        if self._tls and self.sock.pending():  # already decrypted, so the socket itself may look quiet
+            return False
         try:
             readable, _, _ = select.select([self.sock], [], [], 0)
         except (OSError, ValueError):
@@ -216,10 +230,22 @@ class Association:
 
     # -- sending --------------------------------------------------------------------------------
 
+    def _write(self, data: bytes | bytearray | memoryview) -> None:
+        """``sendall``; the caller holds ``_send_lock``. Over TLS the write runs blocking (DIMSE
+        timeout) and the socket goes back to non-blocking after it."""
+        if not self._tls:
+            self.sock.sendall(data)
+            return
+        self.sock.settimeout(self.dimse_timeout)
+        try:
+            self.sock.sendall(data)
+        finally:
+            self.sock.settimeout(0)
+
     def _send(self, data: bytes | bytearray | memoryview) -> None:
         with self._send_lock:
             try:
-                self.sock.sendall(data)
+                self._write(data)
             except OSError as exc:
                 self._lost()
                 raise ConnectionLost(self.node, f"sending to the PACS failed: {exc}") from None
@@ -248,12 +274,34 @@ class Association:
 
     # -- receiving ------------------------------------------------------------------------------
 
+    def _tls_recv_into(self, view: memoryview, timeout: float) -> int:
+        """One read from the TLS socket under the send lock, so that it never overlaps a send from
+        another thread (``cancel``, ``abort``); the wait for data happens outside the lock.
+        Raises TimeoutError after ``timeout`` seconds without data."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._send_lock:
+                try:
+                    return self.sock.recv_into(view)
+                except ssl.SSLWantReadError:
+                    want_write = False
+                except ssl.SSLWantWriteError:
+                    want_write = True
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError
+            try:
+                select.select([self.sock], [self.sock] if want_write else [], [], remaining)
+            except ValueError:  # closed by another thread (abort)
+                raise OSError("the connection was closed") from None
+
     def _recv_into(self, view: memoryview, timeout: float, on_idle: Callable[[], bool] | None = None) -> None:
-        self.sock.settimeout(timeout)
+        if not self._tls:
+            self.sock.settimeout(timeout)
         got = 0
         while got < len(view):
             try:
-                n = self.sock.recv_into(view[got:])
+                n = self._tls_recv_into(view[got:], timeout) if self._tls else self.sock.recv_into(view[got:])
             except (TimeoutError, socket.timeout):
                 if on_idle is not None and got == 0 and on_idle():
                     continue  # the caller sees progress elsewhere: keep waiting
@@ -332,7 +380,7 @@ class Association:
         if abort and self.established:
             try:
                 with self._send_lock:
-                    self.sock.sendall(b"\x07\x00\x00\x00\x00\x04\x00\x00\x00\x00")
+                    self._write(b"\x07\x00\x00\x00\x00\x04\x00\x00\x00\x00")
             except OSError:
                 pass
         self.established = False
@@ -342,7 +390,7 @@ class Association:
     def _reply_release(self) -> None:
         try:
             with self._send_lock:
-                self.sock.sendall(b"\x06\x00\x00\x00\x00\x04\x00\x00\x00\x00")
+                self._write(b"\x06\x00\x00\x00\x00\x04\x00\x00\x00\x00")
         except OSError:
             pass
         self.established = False
@@ -536,7 +584,29 @@ class Proposal:
     extended: dict[str, bytes] = field(default_factory=dict)
 
 
-def _connect(host: str, port: int, timeout: float, node: str, tls: tuple[ssl.SSLContext, str] | None) -> socket.socket:
+_NOT_TLS_HINT = "does the PACS speak TLS on this port?"
+_CLIENT_CERT_HINT = "does the PACS want a client certificate (nodes.tls.cert_file, key_file), or one it trusts?"
+
+
+def _tls_reason(exc: ssl.SSLError, after_handshake: bool = False) -> str:
+    """OpenSSL's reason for a TLS failure, in words, with a hint at the usual cause."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return (f"the PACS's certificate was not accepted: {exc.verify_message or exc.reason} "
+                "(nodes.tls.ca_file, nodes.tls.server_name)")
+    reason = exc.reason or type(exc).__name__
+    if isinstance(exc, ssl.SSLEOFError) or reason == "UNEXPECTED_EOF_WHILE_READING":
+        # TLS 1.3: a server that refuses the client's certificate (or its absence) may just hang up
+        return (f"the PACS ended the TLS session right after the handshake ({reason}): {_CLIENT_CERT_HINT}"
+                if after_handshake else f"the PACS ended the connection during the TLS handshake: {_NOT_TLS_HINT}")
+    if reason in ("WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "PACKET_LENGTH_TOO_LONG", "HTTP_REQUEST"):
+        return f"TLS handshake failed ({reason}): {_NOT_TLS_HINT}"
+    if "CERTIFICATE" in reason or "UNKNOWN_CA" in reason or "HANDSHAKE_FAILURE" in reason:
+        return f"the PACS refused the TLS handshake ({reason}): {_CLIENT_CERT_HINT}"
+    return f"TLS failed ({reason})"
+
+
+def _connect(host: str, port: int, timeout: float, node: str, tls: DicomTls | None,
+             handshake_timeout: float) -> socket.socket:
     try:
         sock = socket.create_connection((host, port), timeout=timeout)
     except (TimeoutError, socket.timeout):
@@ -545,22 +615,31 @@ def _connect(host: str, port: int, timeout: float, node: str, tls: tuple[ssl.SSL
         raise NodeUnreachable(node, f"cannot connect to the PACS: {exc.strerror or exc}") from None
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     if tls is not None:
-        context, server_name = tls
+        sock.settimeout(handshake_timeout)
         try:
-            sock = context.wrap_socket(sock, server_hostname=server_name)
-        except (ssl.SSLError, OSError) as exc:
+            sock = tls.context().wrap_socket(sock, server_hostname=tls.server_name)
+        except (TimeoutError, socket.timeout):
             sock.close()
-            raise NodeUnreachable(node, f"TLS handshake with the PACS failed: {exc}") from None
+            raise DimseTimeout(node, f"no TLS handshake within {handshake_timeout:g} s: {_NOT_TLS_HINT}",
+                               phase="acse") from None
+        except ssl.SSLError as exc:
+            sock.close()
+            raise TlsFailure(node, _tls_reason(exc)) from None
+        except OSError as exc:
+            sock.close()
+            raise TlsFailure(node, f"the connection ended during the TLS handshake ({exc.strerror or exc}): "
+                                   f"{_NOT_TLS_HINT}") from None
     return sock
 
 
 def open_association(
     *, node: str, host: str, port: int, calling_ae: str, called_ae: str, proposal: Proposal, max_pdu: int,
     connect_timeout: float, acse_timeout: float, dimse_timeout: float, implementation_class_uid: str,
-    implementation_version_name: str, tls: tuple[ssl.SSLContext, str] | None = None,
+    implementation_version_name: str, tls: DicomTls | None = None,
 ) -> Association:
-    """Connect and negotiate (blocking). Raises a typed DimseError when it cannot."""
-    sock = _connect(host, port, connect_timeout, node, tls)
+    """Connect (with ``tls``: and the TLS handshake, within the ACSE timeout) and negotiate
+    (blocking). Raises a typed DimseError when it cannot."""
+    sock = _connect(host, port, connect_timeout, node, tls, acse_timeout)
     try:
         rq_contexts = []
         for i, (abstract, syntaxes) in enumerate(proposal.contexts):
@@ -599,8 +678,13 @@ def open_association(
         pdu = A_ASSOCIATE_RQ()
         pdu.from_primitive(primitive)
         sock.settimeout(acse_timeout)
-        sock.sendall(pdu.encode())
-        pdu_type, body = _read_raw_pdu(sock, node, acse_timeout)
+        try:
+            sock.sendall(pdu.encode())
+        except ssl.SSLError as exc:
+            raise TlsFailure(node, _tls_reason(exc, after_handshake=True)) from None
+        except OSError as exc:
+            raise ConnectionLost(node, f"sending the association request failed: {exc.strerror or exc}") from None
+        pdu_type, body = _read_raw_pdu(sock, node, acse_timeout, requestor=True)
         if pdu_type == 0x02:
             ac = A_ASSOCIATE_AC()
             ac.decode(bytes(body))
@@ -636,8 +720,11 @@ def _wait_for_close(sock: socket.socket, timeout: float) -> None:
         pass
 
 
-def _read_raw_pdu(sock: socket.socket, node: str, timeout: float) -> tuple[int, bytearray]:
+def _read_raw_pdu(sock: socket.socket, node: str, timeout: float, requestor: bool = False) -> tuple[int, bytearray]:
     header = bytearray(6)
+    # a PACS that expects TLS drops a plain association request without a word
+    hint = " (a PACS that expects DICOM TLS does this: nodes.tls.enabled?)" if (
+        requestor and not isinstance(sock, ssl.SSLSocket)) else ""
     for buf in (header, None):
         if buf is None:
             buf = bytearray(struct.unpack_from(">I", header, 2)[0])
@@ -648,11 +735,20 @@ def _read_raw_pdu(sock: socket.socket, node: str, timeout: float) -> tuple[int, 
                 n = sock.recv_into(view[got:])
             except (TimeoutError, socket.timeout):
                 raise DimseTimeout(node, f"no association response within {timeout:g} s", phase="acse") from None
+            except ssl.SSLError as exc:  # TLS 1.3: a refused client certificate shows on the first read
+                reason = _tls_reason(exc, after_handshake=True) if requestor else f"TLS failed ({exc.reason or exc})"
+                raise TlsFailure(node, reason) from None
             except OSError as exc:
-                raise ConnectionLost(node, f"the connection failed during negotiation: {exc}") from None
+                raise ConnectionLost(node, f"the connection failed during negotiation: {exc}"
+                                           f"{hint if buf is header and got == 0 else ''}") from None
             if n == 0:
-                raise ConnectionLost(node, "the PACS closed the connection during negotiation")
+                raise ConnectionLost(node, "the PACS closed the connection during negotiation"
+                                           f"{hint if buf is header and got == 0 else ''}")
             got += n
+        if buf is header and header[0] in (0x15, 0x16) and header[1] == 0x03 and not isinstance(sock, ssl.SSLSocket):
+            # a TLS record (alert, handshake), not a PDU: the peer speaks TLS on a plain association
+            raise TlsFailure(node, "the peer speaks TLS on a plain DICOM connection: enable TLS on the gateway's "
+                                   "side (nodes.tls.enabled, or gateway.move_tls_* for the C-MOVE receiver)")
         if buf is not header:
             return header[0], header + buf  # pynetdicom's PDU classes decode the whole PDU
     raise AssertionError("unreachable")

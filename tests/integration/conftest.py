@@ -58,6 +58,24 @@ def port_outside_ephemeral_range() -> int:
 QUERY_NODES = ("demo", "demo-hier", "orthanc", "orthanc-rel", "dcmqrscp")
 
 
+LARGE_SLICES = 2400  # 512x512x16 bits: about 1.26 GB, five times the memory bounds of the tests that use it
+
+
+@pytest.fixture(scope="session")
+def large_ct() -> Iterator[tuple[DemoPACS, list[str], str, str, int]]:
+    """A demo PACS holding one CT series of ``LARGE_SLICES`` slices, for the memory tests:
+    (PACS, SOP Instance UIDs, study UID, series UID, largest instance in bytes)."""
+    from gateway.demo.data import generate_large_ct_series
+
+    series = list(generate_large_ct_series(LARGE_SLICES))
+    uids = [str(d.SOPInstanceUID) for d in series]
+    study_uid, series_uid = str(series[0].StudyInstanceUID), str(series[0].SeriesInstanceUID)
+    largest = max(len(d.PixelData) for d in series) + 4096
+    with DemoPACS(ae_title="LARGE-PACS", datasets=series) as pacs:
+        del series
+        yield pacs, uids, study_uid, series_uid, largest
+
+
 @pytest.fixture(scope="session")
 def studies() -> list[Dataset]:
     return generate_studies()

@@ -37,7 +37,7 @@ def test_invalid_configuration_stops_start_up_naming_the_setting(tmp_path) -> No
 
 def _config(tmp_path, nodes: list[dict]) -> str:
     path = tmp_path / "gateway.toml"
-    path.write_text(to_toml({"gateway": {"ae_title": "DICOMWEB-GW"}, "nodes": nodes}))
+    path.write_text(to_toml({"gateway": {"ae_title": "DICOMWEB-GW"}, "auth": {"enabled": False}, "nodes": nodes}))
     return str(path)
 
 

@@ -1,34 +1,30 @@
 """Bounded memory: a slow client reading a series five times the memory bound, RSS read from outside.
 
 The bound (issue: retrieve) is 200 MB plus twice the largest instance, with no cache. The series here
-is 2,100 CT slices of 512x512x16 bits (about 1.1 GB, five times the bound); the client reads at
+is 2,400 CT slices of 512x512x16 bits (about 1.26 GB, five times the bound); the client reads at
 about 100 MB/s, slower than the PACS sends, so without backpressure the gateway would fill up.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Iterator
 
 import httpx
 import pytest
 
-from gateway.demo.data import generate_large_ct_series
 from gateway.demo.pacs import DemoPACS
 from tests.support.gatewayproc import GatewayProcess
 
-SLICES = 2100
+from .conftest import LARGE_SLICES
+
+SLICES = LARGE_SLICES
 MB = 1 << 20
 
 
-@pytest.fixture(scope="module")
-def big_pacs() -> Iterator[tuple[DemoPACS, str, str, int]]:
-    series = list(generate_large_ct_series(SLICES))
-    study_uid, series_uid = series[0].StudyInstanceUID, series[0].SeriesInstanceUID
-    largest = max(len(d.PixelData) for d in series) + 4096
-    with DemoPACS(ae_title="BIG-PACS", datasets=series) as pacs:
-        del series
-        yield pacs, study_uid, series_uid, largest
+@pytest.fixture
+def big_pacs(large_ct: tuple[DemoPACS, list[str], str, str, int]) -> tuple[DemoPACS, str, str, int]:
+    pacs, _, study_uid, series_uid, largest = large_ct
+    return pacs, study_uid, series_uid, largest
 
 
 def peak_rss(pid: int) -> int:
@@ -39,7 +35,7 @@ def peak_rss(pid: int) -> int:
 def test_slow_client_keeps_the_gateway_within_its_memory_bound(big_pacs: tuple[DemoPACS, str, str, int]) -> None:
     pacs, study, series, largest = big_pacs
     bound = 200 * MB + 2 * largest
-    node = {"name": "big", "ae_title": "BIG-PACS", "host": "127.0.0.1", "port": pacs.port}
+    node = {"name": "big", "ae_title": "LARGE-PACS", "host": "127.0.0.1", "port": pacs.port}
     with GatewayProcess({"nodes": [node], "wado": {"stall_timeout": 30}}) as gw:
         assert gw.proc is not None
         received = 0
@@ -67,7 +63,7 @@ def test_a_client_that_stops_reading_is_dropped_after_the_stall_timeout(
     too by the end: every association the PACS still holds after that would be a leak."""
     pacs, study, series, _ = big_pacs
     pacs.reset_counters()
-    node = {"name": "big", "ae_title": "BIG-PACS", "host": "127.0.0.1", "port": pacs.port, "idle_timeout": 1}
+    node = {"name": "big", "ae_title": "LARGE-PACS", "host": "127.0.0.1", "port": pacs.port, "idle_timeout": 1}
     with GatewayProcess({"nodes": [node], "wado": {"stall_timeout": 2}}) as gw:
         with httpx.Client(timeout=60) as client:
             with client.stream("GET", gw.url(None, f"/studies/{study}/series/{series}")) as r:

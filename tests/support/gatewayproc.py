@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -25,6 +28,8 @@ def _toml_value(value: Any) -> str:
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):  # an inline table, e.g. in [auth] api_keys = [{name = ..., hash = ...}]
+        return "{" + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + "}"
     raise TypeError(value)
 
 
@@ -45,16 +50,29 @@ def to_toml(settings: dict[str, Any]) -> str:
 
 
 class GatewayProcess:
-    """The gateway under test. ``base`` is its root URL; ``log_text()`` what it logged."""
+    """The gateway under test. ``base`` is its root URL; ``log_text()`` what it logged.
 
-    def __init__(self, settings: dict[str, Any], env: dict[str, str] | None = None) -> None:
+    With ``server.tls_cert_file`` in the settings it serves HTTPS (``base`` is https://...) and
+    ``tls_client`` is the client context ``start()`` checks ``/health`` with: one that trusts the
+    gateway's CA, with a client certificate when the gateway requires one."""
+
+    def __init__(self, settings: dict[str, Any], env: dict[str, str] | None = None,
+                 tls_client: ssl.SSLContext | None = None) -> None:
         self.port = free_port()
         settings = {**settings, "server": {"host": "127.0.0.1", "port": self.port, **settings.get("server", {})}}
         self.dir = Path(tempfile.mkdtemp(prefix="gw-test-"))
+        # kept until the test run ends (a failing test's report reads the log), then removed
+        atexit.register(shutil.rmtree, self.dir, True)
+        # Tests of other features run without authentication unless their settings carry an [auth]
+        # section; audit records go to their own file, so the process log stays the application log.
+        settings = {"auth": {"enabled": False}, **settings,
+                    "audit": {"path": str(self.dir / "audit.jsonl"), **settings.get("audit", {})}}
+        self.audit_path = Path(settings["audit"]["path"])
         self.config_path = self.dir / "gateway.toml"
         self.config_path.write_text(to_toml(settings))
         self.log_path = self.dir / "gateway.log"
-        self.base = f"http://127.0.0.1:{self.port}"
+        self.base = f"{'https' if settings['server'].get('tls_cert_file') else 'http'}://127.0.0.1:{self.port}"
+        self.tls_client = tls_client
         self.env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen[bytes] | None = None
         self.victim_port = 0  # set by fixtures that reserve a port for a PACS they start and stop
@@ -70,7 +88,8 @@ class GatewayProcess:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"gateway exited with {self.proc.returncode}:\n{self.log_text()[-3000:]}")
             try:
-                if httpx.get(self.base + "/health", timeout=1).status_code == 200:
+                verify: ssl.SSLContext | bool = self.tls_client if self.tls_client is not None else True
+                if httpx.get(self.base + "/health", timeout=1, verify=verify).status_code == 200:
                     return self
             except httpx.HTTPError:
                 pass

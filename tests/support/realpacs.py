@@ -42,6 +42,17 @@ Orthanc (Debian 1.10.1 + DICOMweb plugin 1.7)
   replaces it instead of silently keeping the old copy), ``DeidentifyLogs:
   false`` (the logs are for debugging synthetic test data).
 * Every option can be overridden with ``extra_config``.
+* DICOM TLS (``dicom_tls=OrthancDicomTls(...)``): ``DicomTlsEnabled`` with
+  ``DicomTlsCertificate``, ``DicomTlsPrivateKey``, ``DicomTlsTrustedCertificates``
+  and ``DicomTlsRemoteCertificateRequired`` (all in 1.10.1; a trusted
+  certificates file is required even when remote certificates are not).
+  The DICOM port then speaks only TLS (1.2 or 1.3; a plain association
+  request is answered with a TCP reset); every modality gets
+  ``UseDicomTls`` (C-MOVE to it over TLS, presenting Orthanc's own
+  certificate, which must then be valid for TLS clients too). HTTP stays
+  plain, so ``load`` works as usual. Without a client certificate, the
+  TLS 1.3 handshake completes on the client's side and Orthanc then closes
+  the connection.
 
 dcmqrscp (DCMTK 3.6.7)
 ----------------------
@@ -154,10 +165,12 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
@@ -286,8 +299,8 @@ def _set_nodelay(event) -> None:
 
 
 def dimse_echo(host: str, port: int, called_aet: str, calling_aet: str = HELPER_AET,
-               timeout: float = 5.0) -> bool:
-    """One C-ECHO; True if it was accepted and answered with Success."""
+               timeout: float = 5.0, tls: ssl.SSLContext | None = None) -> bool:
+    """One C-ECHO (over DICOM TLS with ``tls``); True if it was accepted and answered with Success."""
     from pynetdicom import AE, evt
     from pynetdicom.sop_class import Verification
 
@@ -298,7 +311,8 @@ def dimse_echo(host: str, port: int, called_aet: str, calling_aet: str = HELPER_
     ae.network_timeout = timeout
     ae.connection_timeout = timeout
     assoc = ae.associate(host, port, ae_title=called_aet,
-                         evt_handlers=[(evt.EVT_CONN_OPEN, _set_nodelay)])
+                         evt_handlers=[(evt.EVT_CONN_OPEN, _set_nodelay)],
+                         tls_args=(tls, host) if tls is not None else None)
     try:
         if not assoc.is_established:
             return False
@@ -538,6 +552,25 @@ def _wait_group_gone(pgid: int, timeout: float) -> None:
 # --------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class OrthancDicomTls:
+    """Orthanc's DICOM TLS files (PEM paths). ``certificate`` serves the DICOM port and is also
+    presented to modalities (C-MOVE), so give it both server and client use."""
+
+    certificate: str
+    private_key: str
+    trusted_certificates: str
+    remote_certificate_required: bool = True
+
+    def helper_context(self) -> ssl.SSLContext:
+        """What the helpers (readiness C-ECHO) connect with: Orthanc's own certificate as client
+        certificate, the chain checked against the trusted certificates, no host name check."""
+        context = ssl.create_default_context(cafile=self.trusted_certificates)
+        context.check_hostname = False
+        context.load_cert_chain(self.certificate, self.private_key)
+        return context
+
+
 @functools.lru_cache(maxsize=None)
 def orthanc_version(binary: str = ORTHANC_BINARY) -> tuple[int, ...]:
     """``(major, minor, patch)`` as reported by ``Orthanc --version``."""
@@ -580,8 +613,10 @@ class OrthancServer(_ManagedServer):
         start_timeout: float = _START_TIMEOUT,
         stop_timeout: float = _STOP_TIMEOUT,
         die_with_parent: bool = True,
+        dicom_tls: OrthancDicomTls | None = None,
     ) -> None:
         super().__init__(start_timeout, stop_timeout, die_with_parent)
+        self.dicom_tls = dicom_tls
         self.aet = aet
         self.modalities = dict(modalities or {})
         self.dicom_scp_timeout = dicom_scp_timeout
@@ -692,6 +727,17 @@ class OrthancServer(_ManagedServer):
         }
         if orthanc_version(self.binary) >= (1, 11, 0):
             config["ExtraMainDicomTags"] = ORTHANC_EXTRA_MAIN_DICOM_TAGS
+        if self.dicom_tls is not None:
+            tls = self.dicom_tls
+            config.update({
+                "DicomTlsEnabled": True,
+                "DicomTlsCertificate": tls.certificate,
+                "DicomTlsPrivateKey": tls.private_key,
+                "DicomTlsTrustedCertificates": tls.trusted_certificates,
+                "DicomTlsRemoteCertificateRequired": tls.remote_certificate_required,
+            })
+            for modality in modalities.values():
+                modality["UseDicomTls"] = True
         _deep_update(config, self.extra_config)
         return config
 
@@ -729,7 +775,8 @@ class OrthancServer(_ManagedServer):
             return False
         if resp.status_code != 200:
             return False
-        return dimse_echo("127.0.0.1", self.dicom_port, self.aet, timeout=2.0)
+        tls = self.dicom_tls.helper_context() if self.dicom_tls is not None else None
+        return dimse_echo("127.0.0.1", self.dicom_port, self.aet, timeout=2.0, tls=tls)
 
     def stop(self) -> None:
         if self._http is not None:

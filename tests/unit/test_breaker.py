@@ -214,6 +214,7 @@ def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in list(os.environ):
         if name.startswith("DWG_"):
             monkeypatch.delenv(name)
+    monkeypatch.setenv("DWG_AUTH_ENABLED", "false")
 
 
 def test_breaker_settings_defaults_and_overrides(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -20,6 +20,7 @@ def clean_environment(monkeypatch):
     for name in list(os.environ):
         if name.startswith("DWG_"):
             monkeypatch.delenv(name)
+    monkeypatch.setenv("DWG_AUTH_ENABLED", "false")  # auth's own settings: tests/unit/test_auth.py
 
 
 def with_node(**changes: Any) -> dict[str, Any]:
@@ -83,7 +84,8 @@ class TestDefaults:
 
     def test_schema_lists_nested_settings(self):
         schema = settings_schema()
-        assert set(schema) == {"server", "gateway", "qido", "wado", "stow", "nodes"}
+        assert {"server", "gateway", "qido", "wado", "stow", "nodes"} <= set(schema)
+        assert {"auth", "audit"} <= set(schema) and "api_keys.hash" in schema["auth"]
         assert "port" in schema["server"]
         assert {"timeouts.dimse", "timeouts.connect", "tls.ca_file", "tls.enabled", "name"} <= set(schema["nodes"])
 

@@ -28,7 +28,7 @@ NODE: dict[str, Any] = {"name": "pacs", "ae_title": "MAIN-PACS", "host": "10.1.2
 
 
 def _app() -> Any:
-    return create_app(load_settings(data={"nodes": [NODE]}))
+    return create_app(load_settings(data={"nodes": [NODE], "auth": {"enabled": False}}))
 
 
 def _samples(metrics: Metrics) -> dict[str, list[tuple[dict[str, str], float]]]:

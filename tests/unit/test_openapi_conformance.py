@@ -25,6 +25,7 @@ from gateway import app as app_module
 from gateway import config as config_module
 from gateway.app import create_app
 from gateway.config import (
+    CacheSettings,
     GatewaySettings,
     NodeSettings,
     QidoSettings,
@@ -33,7 +34,7 @@ from gateway.config import (
     load_settings,
     settings_schema,
 )
-from gateway.dicomweb import attributes, negotiation, transcode
+from gateway.dicomweb import attributes, negotiation, render, rendered, transcode, viewer
 from gateway.dicomweb.qido import SearchContext
 from gateway.dicomweb.query import RESERVED
 from gateway.dimse import receiver, retrieve
@@ -61,7 +62,7 @@ def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture
 def app_routes() -> set[tuple[str, str]]:
-    app = create_app(load_settings(data={"nodes": [NODE]}))  # the lifespan (node pools) never runs
+    app = create_app(load_settings(data={"nodes": [NODE], "auth": {"enabled": False}}))  # no lifespan: no pools
     return set(_walk(app.routes, ""))
 
 
@@ -145,10 +146,45 @@ def _search_operations(doc: dict[str, Any]) -> list[tuple[str, dict[str, Any], d
 
 
 def _retrieve_operations(doc: dict[str, Any]) -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
-    return _tagged_operations(doc, "WADO-RS")
+    """The WADO-RS Instance resources: a study, a series or an instance as PS3.10 files."""
+    return [(p, item, op) for p, item, op in _tagged_operations(doc, "WADO-RS")
+            if normalize(p).endswith(RETRIEVE_SUFFIXES)]
+
+
+def _viewer_operations(doc: dict[str, Any]) -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
+    """The other WADO-RS resources: metadata, frames, pixel data, bulk data, rendered, thumbnail."""
+    return [(p, item, op) for p, item, op in _tagged_operations(doc, "WADO-RS")
+            if not normalize(p).endswith(RETRIEVE_SUFFIXES)]
+
+
+def _wado_uri_operations(doc: dict[str, Any]) -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
+    return [(p, item, op) for p, m, item, op in _operations(doc) if m == "get" and "WADO-URI" in op.get("tags", ())]
 
 
 RETRIEVE_SUFFIXES = ("/studies/{}", "/studies/{}/series/{}", "/studies/{}/series/{}/instances/{}")
+_INSTANCE = "/studies/{}/series/{}/instances/{}"
+# written out here rather than read from app.viewer_routes(), so that a route lost there fails below
+VIEWER_SUFFIXES = (
+    "/studies/{}/metadata", "/studies/{}/series/{}/metadata", _INSTANCE + "/metadata", _INSTANCE + "/frames/{}",
+    "/studies/{}/pixeldata", "/studies/{}/series/{}/pixeldata", _INSTANCE + "/pixeldata", _INSTANCE + "/bulkdata/{}",
+    "/studies/{}/rendered", "/studies/{}/series/{}/rendered", _INSTANCE + "/rendered", _INSTANCE + "/frames/{}/rendered",
+    "/studies/{}/thumbnail", "/studies/{}/series/{}/thumbnail", _INSTANCE + "/thumbnail",
+    _INSTANCE + "/frames/{}/thumbnail",
+)
+
+
+def _viewer_kind(path: str) -> str:
+    """``metadata``, ``frames``, ``pixeldata``, ``bulkdata``, ``rendered`` or ``thumbnail``."""
+    last = [part for part in normalize(path).split("/") if part != "{}"]
+    return last[-1]
+
+
+def _viewer_level(path: str) -> str:
+    """``instance`` (an instance or frame resource), ``series`` or ``study``."""
+    rel = normalize(path).split("/dicom-web", 1)[1]
+    if rel.startswith(_INSTANCE):
+        return "instance"
+    return "series" if rel.startswith("/studies/{}/series/{}") else "study"
 
 
 def _parameters(doc: dict[str, Any], item: dict[str, Any], op: dict[str, Any]) -> list[dict[str, Any]]:
@@ -199,29 +235,38 @@ def test_every_app_route_is_in_openapi_and_back(app_routes: set[tuple[str, str]]
 
 
 def test_the_app_has_the_routes_this_document_describes(app_routes: set[tuple[str, str]]) -> None:
-    # guards the normalization above: both mounts with all six QIDO resources and the three WADO-RS
-    # instance resources and the two STOW-RS resources, plus the five others
+    # guards the normalization above: both mounts with all six QIDO resources, the three WADO-RS
+    # instance resources, the sixteen viewer resources and the two STOW-RS resources, WADO-URI on
+    # both, plus the five others
     for mount in ("/dicom-web", "/nodes/{}/dicom-web"):
         for rel in ("/studies", "/series", "/instances", "/studies/{}/series", "/studies/{}/instances",
-                    "/studies/{}/series/{}/instances", *RETRIEVE_SUFFIXES):
+                    "/studies/{}/series/{}/instances", *RETRIEVE_SUFFIXES, *VIEWER_SUFFIXES):
             assert (mount + rel, "GET") in app_routes
         for rel in ("/studies", "/studies/{}"):
             assert (mount + rel, "POST") in app_routes
+    assert ("/wado", "GET") in app_routes and ("/nodes/{}/wado", "GET") in app_routes
     assert ("/health", "GET") in app_routes and ("/openapi.json", "GET") in app_routes
     assert ("/metrics", "GET") in app_routes
     assert ("/ready", "GET") in app_routes and ("/status", "GET") in app_routes
-    assert len(app_routes) == 27
+    assert len(VIEWER_SUFFIXES) == 16
+    assert len(app_routes) == 27 + 2 * len(VIEWER_SUFFIXES) + 2
 
 
 def test_every_dicomweb_operation_is_a_search_or_a_retrieve(doc: dict[str, Any]) -> None:
     searches = {p for p, _item, _op in _search_operations(doc)}
     retrieves = {p for p, _item, _op in _retrieve_operations(doc)}
-    assert len(searches) == 12 and len(retrieves) == 6 and not searches & retrieves
+    viewers = {p for p, _item, _op in _viewer_operations(doc)}
+    assert len(searches) == 12 and len(retrieves) == 6 and not searches & (retrieves | viewers)
     for path, _method, _item, _op in _operations(doc):
         if "/dicom-web/" in path:
-            assert path in searches | retrieves, f"{path} is tagged neither QIDO-RS nor WADO-RS"
-    for path in retrieves:
-        assert normalize(path).endswith(RETRIEVE_SUFFIXES), path
+            assert path in searches | retrieves | viewers, f"{path} is tagged neither QIDO-RS nor WADO-RS"
+    for mount in ("/dicom-web", "/nodes/{}/dicom-web"):
+        assert {normalize(p) for p in retrieves if normalize(p).startswith(mount + "/")} == {
+            mount + s for s in RETRIEVE_SUFFIXES}, mount
+        assert {normalize(p) for p in viewers if normalize(p).startswith(mount + "/")} == {
+            mount + s for s in VIEWER_SUFFIXES}, mount
+    assert len(viewers) == 2 * len(VIEWER_SUFFIXES)
+    assert {normalize(p) for p, _item, _op in _wado_uri_operations(doc)} == {"/wado", "/nodes/{}/wado"}
 
 
 def test_conformance_resource_tables_match_the_app(app_routes: set[tuple[str, str]], conformance: str) -> None:
@@ -321,7 +366,7 @@ def test_retrieve_parameters(doc: dict[str, Any]) -> None:
 def test_retrieve_responses(doc: dict[str, Any]) -> None:
     for path, _item, op in _retrieve_operations(doc):
         responses = op["responses"]
-        assert set(responses) == {"200", "400", "403", "404", "406", "413", "500", "502", "503", "504"}, path
+        assert set(responses) == {"200", "400", "401", "403", "404", "406", "413", "500", "502", "503", "504"}, path
         ok = _resolve(doc, responses["200"])
         single = normalize(path).endswith("/instances/{}")
         expected = {"multipart/related", "application/dicom"} if single else {"multipart/related"}
@@ -556,6 +601,266 @@ def test_every_status_the_code_sets_is_a_retrieve_response(doc: dict[str, Any]) 
     for path, _item, op in _retrieve_operations(doc):
         missing = sorted(str(s) for s in statuses if str(s) not in op["responses"])
         assert missing == [], path
+
+
+# ------------------------------------------------------------------------------------------------
+# Viewer resources (metadata, frames, pixel data, bulk data, rendered, thumbnail) and WADO-URI
+
+
+def _compared_names(relative: str, functions: set[str]) -> set[str]:
+    """Query parameter names these functions compare ``k`` against (``k == "charset"``)."""
+    names: set[str] = set()
+    for func in ast.walk(_tree(relative)):
+        if isinstance(func, (ast.FunctionDef, ast.AsyncFunctionDef)) and func.name in functions:
+            for node in ast.walk(func):
+                if isinstance(node, ast.Compare) and isinstance(node.left, ast.Name) and node.left.id == "k":
+                    names |= {c.value for c in node.comparators
+                              if isinstance(c, ast.Constant) and isinstance(c.value, str)}
+    return names
+
+
+def _render_parameter_names() -> set[str]:
+    """The names ``render.parse_render_params`` reads: ``_single(values, "quality")``,
+    ``values.get("accept", [])`` and ``"annotation" in values``."""
+    names: set[str] = set()
+    for func in ast.walk(_tree("dicomweb/render.py")):
+        if isinstance(func, ast.FunctionDef) and func.name == "parse_render_params":
+            for node in ast.walk(func):
+                if isinstance(node, ast.Call):
+                    callee = node.func
+                    single = isinstance(callee, ast.Name) and callee.id == "_single"
+                    get = (isinstance(callee, ast.Attribute) and callee.attr == "get"
+                           and isinstance(callee.value, ast.Name) and callee.value.id == "values")
+                    if single or get:
+                        names |= {a.value for a in node.args if isinstance(a, ast.Constant) and isinstance(a.value, str)}
+                elif (isinstance(node, ast.Compare) and isinstance(node.ops[0], ast.In)
+                      and isinstance(node.left, ast.Constant) and isinstance(node.left.value, str)):
+                    names.add(node.left.value)
+    return names
+
+
+def _wado_uri_content_types() -> set[str]:
+    """The media types ``rendered._wado_content_type`` produces (the tuple it matches against)."""
+    for func in ast.walk(_tree("dicomweb/rendered.py")):
+        if isinstance(func, ast.FunctionDef) and func.name == "_wado_content_type":
+            for node in ast.walk(func):
+                if isinstance(node, ast.Tuple) and any(isinstance(e, ast.Constant) and e.value == "application/dicom"
+                                                       for e in node.elts):
+                    return {e.value for e in node.elts if isinstance(e, ast.Constant)}
+    raise AssertionError("rendered._wado_content_type no longer lists its media types in a tuple")
+
+
+def test_viewer_query_parameters_are_the_codes(doc: dict[str, Any]) -> None:
+    metadata = _compared_names("dicomweb/viewer.py", {"_metadata_media", "accept_params"})
+    bulk = _compared_names("dicomweb/viewer.py", {"accept_params"})
+    rendering = _render_parameter_names()
+    assert metadata == {"accept", "charset"} and bulk == {"accept"}, "the extraction needs to follow the code"
+    assert {"quality", "viewport", "window", "annotation", "iccprofile", "accept"} <= rendering
+    # charset: a mandatory parameter of the rendered resources (PS3.18 8.3.5.1), accepted and ignored
+    expected = {"metadata": metadata, "frames": bulk, "pixeldata": bulk, "bulkdata": bulk,
+                "rendered": rendering | {"charset"}, "thumbnail": rendering | {"charset"}}
+    for path, item, op in _viewer_operations(doc):
+        query = {p["name"] for p in _parameters(doc, item, op) if p["in"] == "query"}
+        assert query == expected[_viewer_kind(path)], path
+
+
+def test_viewer_headers_and_path_parameters(doc: dict[str, Any]) -> None:
+    for path, item, op in _viewer_operations(doc):
+        kind = _viewer_kind(path)
+        params = _parameters(doc, item, op)
+        headers = {p["name"]: p for p in params if p["in"] == "header"}
+        assert {"Accept", "If-None-Match", "X-Request-ID"} <= set(headers), path
+        assert ({"Range", "If-Range"} <= set(headers)) == (kind == "bulkdata"), path
+        assert ("Accept-Encoding" in headers) == (kind == "metadata"), path
+        accept = squash(headers["Accept"]["description"])
+        if kind == "metadata":
+            phrases = ["application/dicom+json", "application/json", "application/dicom+xml", "406"]
+        elif kind in ("rendered", "thumbnail"):
+            phrases = [f"`{t}`" for t in render.RENDERED_MEDIA_TYPES] + ["400", "406"]
+        else:
+            phrases = ['type="application/octet-stream"', negotiation.EXPLICIT_VR_LE, "`*`"]
+            phrases += [f"`{t}` (default {syntaxes[0]}" for t, syntaxes in negotiation.PART_TYPE_SYNTAXES.items()]
+        for phrase in phrases:
+            assert phrase in accept, f"{path}: Accept description lacks {phrase}"
+        frames = {p["name"]: p for p in params if p["in"] == "path"}.get("frames")
+        if kind == "frames":
+            assert frames is not None and frames["schema"]["pattern"] == viewer._FRAME_LIST.pattern, path
+        elif frames is not None:  # the rendered and thumbnail frame resources take one frame
+            assert re.fullmatch(frames["schema"]["pattern"], "7") and not re.fullmatch(frames["schema"]["pattern"], "1,2")
+            assert viewer._FRAME_LIST.pattern in frames["description"], path
+
+
+def test_bulk_data_path_pattern_agrees_with_the_parser(doc: dict[str, Any]) -> None:
+    pattern = doc["components"]["parameters"]["bulkdataPath"]["schema"]["pattern"]
+    for good in ("7FE00010", "7fe00010", "00540016/0/00181072", "00540016/12/00400275/0/00081150"):
+        assert re.fullmatch(pattern, good), good
+        assert viewer.format_tag_path(viewer.parse_tag_path(good)) == good.upper()
+    for bad in ("7FE0001", "00540016/0", "00540016/01/00181072", "00540016/x/00181072", "7FE00010/"):
+        assert not re.fullmatch(pattern, bad), bad
+        if not bad.endswith("/"):  # the parser forgives a trailing slash; the documented form has none
+            with pytest.raises(HttpProblem):
+                viewer.parse_tag_path(bad)
+
+
+def test_viewer_responses(doc: dict[str, Any]) -> None:
+    bulk_media = {"multipart/related", negotiation.OCTET_STREAM, *negotiation.PART_TYPE_SYNTAXES}
+    images = set(render.RENDERED_MEDIA_TYPES)
+    ops = _viewer_operations(doc)
+    assert len(ops) == 2 * len(VIEWER_SUFFIXES)
+    for path, _item, op in ops:
+        kind, level = _viewer_kind(path), _viewer_level(path)
+        responses = op["responses"]
+        one_instance = level == "instance"
+        expected = {"200", "400", "403", "404", "406", "500", "502", "503", "504"}
+        if one_instance or kind == "metadata":
+            expected.add("304")
+        if kind == "bulkdata":
+            expected |= {"206", "416"}
+        if kind in ("rendered", "thumbnail"):
+            expected.add("422")
+        if kind == "metadata" and level == "study":
+            expected.add("413")  # the revalidation lists the study's instances, which may fan out
+        assert expected <= set(responses), f"{path}: {sorted(expected - set(responses))}"
+        # and not where the code cannot send them
+        assert ("206" in responses) == ("416" in responses) == (kind == "bulkdata"), path
+        assert ("422" in responses) == (kind in ("rendered", "thumbnail")), path
+        assert ("304" in responses) == ("304" in expected), path
+        ok = _resolve(doc, responses["200"])
+        media = {
+            "metadata": {"application/dicom+json", "application/json"}, "frames": bulk_media,
+            "bulkdata": bulk_media, "pixeldata": {"multipart/related"}, "thumbnail": images,
+            "rendered": images if one_instance else {"multipart/related"},
+        }[kind]
+        assert set(ok["content"]) == media, path
+        headers = set(ok.get("headers", {}))
+        assert "Cache-Control" in headers, path
+        if one_instance or (kind == "metadata" and level == "series"):
+            assert {"ETag", "Vary"} <= headers, path
+        if kind == "metadata":
+            assert "Content-Encoding" in headers, path
+        if kind == "bulkdata":
+            assert {"Accept-Ranges", "Content-Location"} <= headers, path
+            assert "Content-Range" in _resolve(doc, responses["206"])["headers"], path
+            assert "Content-Range" in _resolve(doc, responses["416"])["headers"], path
+        if kind == "rendered" and one_instance:
+            assert "Warning" in headers, f"{path}: the annotation Warning"
+        if "304" in responses:
+            not_modified = _resolve(doc, responses["304"])
+            assert "content" not in not_modified and "ETag" in not_modified["headers"], path
+        assert "Retry-After" in _resolve(doc, responses["503"])["headers"], path
+        for status, response in responses.items():
+            response = _resolve(doc, response)
+            assert "X-Request-ID" in response.get("headers", {}), f"{path}: X-Request-ID on {status}"
+            if status.startswith(("4", "5")):
+                schema = response["content"]["application/json"]["schema"]
+                assert schema == {"$ref": "#/components/schemas/Error"}, f"{path}: {status}"
+
+
+def test_every_status_the_code_sets_is_a_viewer_response(doc: dict[str, Any]) -> None:
+    statuses, retry_after = statuses_set_in("problems.py", "app.py", "dicomweb/viewer.py", "dicomweb/rendered.py",
+                                            "dicomweb/negotiation.py", "dicomweb/qido.py")
+    assert {400, 404, 406, 416, 422, 502, 503, 504} <= statuses and 503 in retry_after
+    documented: set[str] = set()
+    for _path, _item, op in _viewer_operations(doc) + _wado_uri_operations(doc):
+        documented |= set(op["responses"])
+    assert sorted(str(s) for s in statuses if str(s) not in documented) == []
+    # the statuses only one module sets are on the operations that module answers
+    viewer_only, _ = statuses_set_in("dicomweb/viewer.py")
+    rendered_only, _ = statuses_set_in("dicomweb/rendered.py")
+    for path, _item, op in _viewer_operations(doc):
+        kind = _viewer_kind(path)
+        if kind == "bulkdata":
+            assert {str(s) for s in viewer_only} <= set(op["responses"]), path
+        if kind in ("rendered", "thumbnail"):
+            assert {str(s) for s in rendered_only} <= set(op["responses"]), path
+
+
+def test_wado_uri_operations(doc: dict[str, Any]) -> None:
+    ops = _wado_uri_operations(doc)
+    assert len(ops) == 2
+    content_types = _wado_uri_content_types()
+    assert {"application/dicom", "image/jpeg"} <= content_types
+    for path, item, op in ops:
+        params = {p["name"]: p for p in _parameters(doc, item, op) if p["in"] == "query"}
+        assert set(params) == set(rendered._WADO_URI_KNOWN), path
+        for name in ("studyUID", "seriesUID", "objectUID"):
+            assert params[name]["schema"]["pattern"] == rendered._UID.pattern, name
+            assert params[name]["description"].startswith("Required"), name
+        assert params["requestType"]["schema"]["enum"] == ["WADO"]
+        responses = op["responses"]
+        for status in ("200", "304", "400", "403", "404", "406", "422", "500", "502", "503", "504"):
+            assert status in responses, f"{path}: {status}"
+        ok = _resolve(doc, responses["200"])
+        assert set(ok["content"]) == content_types, path
+        assert {"ETag", "Cache-Control"} <= set(ok["headers"]), path
+
+
+def _warning_literals(relative: str) -> list[str]:
+    """The literal texts passed to ``warning_value`` in a module."""
+    tree = _tree(relative)
+    constants = _constants(tree)
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "warning_value":
+            if len(node.args) > 1:
+                found += _phrases(node.args[1], constants)
+    return [p.strip() for p in found if p.strip()]
+
+
+def test_viewer_facts_in_the_conformance_statement(conformance: str) -> None:
+    text = squash(conformance)
+    w, c = WadoSettings(), CacheSettings()
+    node = NodeSettings(name="n", ae_title="A", host="h", port=104)
+    for phrase in (
+        f"`wado.bulk_threshold` (default {w.bulk_threshold} bytes",
+        f"`wado.max_age` defaults to {w.max_age} s",
+        f"`cache.max_mb` (default {c.max_mb:g}, MB",
+        f"`cache.ttl` (default {c.ttl:g} s)",
+        f'`nodes.prefetch = "{node.prefetch}"` (the default)',
+        f"at most {viewer.MAX_FRAMES_PER_REQUEST} per request",
+        f"`{viewer._FRAME_LIST.pattern}`",
+        f"**{render.THUMBNAIL_SIZE} x {render.THUMBNAIL_SIZE}**",
+        f"{render.DEFAULT_QUALITY} when absent",
+        f"to fit `vw` x `vh` (1-{render.MAX_VIEWPORT})",
+        "`transcode.PASS_THROUGH_SYNTAXES`",
+    ):
+        assert phrase in text, phrase
+    for mode in config_module.PREFETCH_MODES:
+        assert f'`nodes.prefetch = "{mode}"`' in text, mode
+    section = squash(_section(conformance, "### 4.12"))
+    for part_type, syntaxes in negotiation.PART_TYPE_SYNTAXES.items():
+        assert f'type="{part_type}"` (`{syntaxes[0]}` by default' in section, part_type
+    # the Cache-Control values the code sends
+    ctx = viewer.ViewerContext(None, None, "", False, w.bulk_threshold, 12345, 1.0)  # type: ignore[arg-type]
+    assert viewer.cache_headers(ctx, '"e"')["Cache-Control"] == "private, max-age=12345, immutable"
+    assert "`private, max-age=<wado.max_age>, immutable`" in text
+    revalidated = viewer.cache_headers(ctx, '"e"', immutable=False)["Cache-Control"]
+    assert revalidated == "private, no-cache" and f"`{revalidated}`" in text
+    # the Warning texts of the rendered resources and WADO-URI
+    annotation = render.annotation_warning(render.RenderParams(ignored_annotation=("XYZ",)))
+    assert annotation is not None and f"`{annotation.replace('XYZ', '<values>')}`" in text
+    literals = _warning_literals("dicomweb/rendered.py")
+    assert literals, "the extraction needs to follow the code"
+    for literal in literals:
+        assert f"`{literal}" in text, literal
+    # CORS: what the code allows and exposes
+    cors = _section(conformance, "### 4.18")
+    for header in (*app_module.CORS_REQUEST_HEADERS, *app_module.CORS_EXPOSED_HEADERS):
+        assert f"`{header}`" in cors, header
+    assert "`auth.api_key_header`" in cors and "`Access-Control-Max-Age: 600`" in cors
+    assert "max_age=600" in (PACKAGE / "app.py").read_text(encoding="utf-8")
+
+
+def test_readme_shows_a_viewer_on_another_origin() -> None:
+    readme = README.read_text(encoding="utf-8")
+    section = _chapter(readme, "## Viewer resources")
+    assert 'cors_origins = ["https://viewer.example.org"]' in section
+    assert config_module.ENV_PREFIX + "SERVER_CORS_ORIGINS=" in section
+    settings = load_settings(data={"nodes": [NODE], "auth": {"enabled": False},
+                                   "server": {"cors_origins": ["https://viewer.example.org"]}})
+    assert settings.server.cors_origins == ("https://viewer.example.org",)
+    for name in ("cache.max_mb", "cache.ttl", "nodes.prefetch", "wado.max_age", "wado.bulk_threshold"):
+        assert f"`{name}" in section, name
 
 
 # ------------------------------------------------------------------------------------------------
