@@ -5,7 +5,9 @@
 #   bash deploy/bootstrap.sh test  [ARGS...]   install test deps, then: pytest ARGS (default: -q tests)
 #   bash deploy/bootstrap.sh bench [ARGS...]   install test deps, then: python -m tests.bench.run ARGS
 #                                              python -m tests.bench.wado ARGS
-#                                              and python -m tests.bench.stow ARGS
+#                                              python -m tests.bench.stow ARGS
+#                                              and python -m tests.bench.viewer ARGS
+#   bash deploy/bootstrap.sh soak  [ARGS...]   install test deps, then: python -m tests.soak.soak ARGS
 #
 # Works on a stock Debian 12 machine: when `python3 -m venv` is unusable
 # (python3-venv / ensurepip missing) it installs python3-venv as root, or
@@ -27,19 +29,27 @@ die() { log "error: $*"; exit 1; }
 
 usage() {
     cat >&2 <<'EOF'
-usage: bash deploy/bootstrap.sh {demo|test|bench} [ARGS...]
+usage: bash deploy/bootstrap.sh {demo|test|bench|soak} [ARGS...]
   demo   create/refresh .venv and run `dicomweb-gateway demo ARGS`
-  test   install Debian test servers (orthanc, orthanc-dicomweb, dcmtk) when root,
+  test   install Debian test servers and tools (orthanc, orthanc-dicomweb, dcmtk, nginx,
+         systemd for systemd-analyze; chromium, nodejs, npm for tests/browser) when root,
+         run `npm ci` in tests/browser when its node_modules is missing or stale,
          create/refresh .venv with the test extras and run pytest (default: -q tests)
   bench  create/refresh .venv with the test extras and run `python -m tests.bench.run ARGS`
-         (QIDO), `python -m tests.bench.wado ARGS` (WADO-RS retrieve), then
-         `python -m tests.bench.stow ARGS` (STOW-RS)
+         (QIDO), `python -m tests.bench.wado ARGS` (WADO-RS retrieve),
+         `python -m tests.bench.stow ARGS` (STOW-RS), then
+         `python -m tests.bench.viewer ARGS` (a viewer opening a series)
+  soak   install the test servers when root (as test does), create/refresh .venv with the
+         test extras and run `python -m tests.soak.soak ARGS`: a mixed QIDO/WADO/STOW load
+         through one gateway in front of Orthanc (default 20000 requests from 32 clients;
+         --requests N --clients N --duration-limit S), checked for errors and for the gateway's
+         RSS, threads, descriptors and associations back at their baseline (outside CI)
 EOF
 }
 
 MODE="${1:-}"
 case "$MODE" in
-    demo | test | bench) shift ;;
+    demo | test | bench | soak) shift ;;
     -h | --help | help) usage; exit 0 ;;
     *) usage; exit 2 ;;
 esac
@@ -118,9 +128,10 @@ deb_installed() {
 }
 
 ensure_test_servers() {
-    local pkgs=(orthanc orthanc-dicomweb dcmtk) missing=() p
+    # nginx and systemd (systemd-analyze): tests/deploy checks deploy/nginx and deploy/systemd with them
+    local pkgs=(orthanc orthanc-dicomweb dcmtk nginx systemd) missing=() p
     if ! have dpkg-query; then
-        log "not a Debian system: install Orthanc (with its DICOMweb plugin) and DCMTK yourself," \
+        log "not a Debian system: install Orthanc (with its DICOMweb plugin), DCMTK, nginx and systemd yourself," \
             "or the tests that need them fail under CI=true and are skipped otherwise"
         return 0
     fi
@@ -135,6 +146,49 @@ ensure_test_servers() {
         log "  install them with: sudo apt-get install --no-install-recommends ${missing[*]}"
         log "  (continuing: tests that need them fail under CI=true and are skipped otherwise)"
     fi
+}
+
+ensure_browser_tools() {
+    # tests/browser drives the OHIF viewer in Debian's Chromium with Node.js. node and npm are
+    # checked as commands: a Node.js from elsewhere (e.g. one that bundles npm) is fine as it is,
+    # and Debian's npm package would conflict with it.
+    local missing=()
+    [[ -x /usr/bin/chromium ]] || missing+=(chromium)
+    have node || missing+=(nodejs)
+    have npm || missing+=(npm)
+    [[ ${#missing[@]} == 0 ]] && return 0
+    if can_apt; then
+        apt_install "${missing[@]}" || die "apt-get install ${missing[*]} failed"
+    else
+        log "missing for the browser tests: ${missing[*]}"
+        log "  install them with: sudo apt-get install --no-install-recommends ${missing[*]}"
+        log "  (continuing: the browser tests fail under CI=true and are skipped otherwise)"
+    fi
+}
+
+ensure_browser_npm() {
+    # npm ci in tests/browser (the OHIF viewer's prebuilt bundle and playwright-core, pinned by its
+    # package-lock.json) when node_modules is missing or was installed from another lock.
+    local dir="$ROOT/tests/browser" stamp hash out
+    [[ -f "$dir/package-lock.json" ]] || return 0
+    stamp="$dir/node_modules/.bootstrap-lock"
+    if ! have npm; then
+        log "npm not found: the browser tests fail under CI=true and are skipped otherwise"
+        return 0
+    fi
+    hash="$(cat "$dir/package.json" "$dir/package-lock.json" | sha256sum | cut -d' ' -f1)"
+    if [[ -f "$stamp" && "$(cat "$stamp")" == "$hash" ]]; then
+        return 0
+    fi
+    log "installing the browser tests' npm packages (npm ci in tests/browser)"
+    rm -f "$stamp"
+    if [[ "${BOOTSTRAP_VERBOSE:-}" == 1 ]]; then
+        (cd "$dir" && npm ci --ignore-scripts --no-audit --no-fund) >&2 || die "npm ci in tests/browser failed"
+    elif ! out="$(cd "$dir" && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error 2>&1)"; then
+        printf '%s\n' "$out" | tail -n 20 >&2
+        die "npm ci in tests/browser failed"
+    fi
+    printf '%s\n' "$hash" >"$stamp"
 }
 
 # ----------------------------------------------------------------- python ---
@@ -439,6 +493,8 @@ case "$MODE" in
         ;;
     test)
         ensure_test_servers
+        ensure_browser_tools
+        ensure_browser_npm
         ensure_venv
         ensure_installed test
         release_lock
@@ -456,6 +512,16 @@ case "$MODE" in
         log "running: python -m tests.bench.wado $* (WADO-RS retrieve)"
         "$VENV/bin/python" -m tests.bench.wado "$@"
         log "running: python -m tests.bench.stow $* (STOW-RS)"
-        exec "$VENV/bin/python" -m tests.bench.stow "$@"
+        "$VENV/bin/python" -m tests.bench.stow "$@"
+        log "running: python -m tests.bench.viewer $* (viewer: series metadata, then every frame)"
+        exec "$VENV/bin/python" -m tests.bench.viewer "$@"
+        ;;
+    soak)
+        ensure_test_servers
+        ensure_venv
+        ensure_installed test
+        release_lock
+        log "running: python -m tests.soak.soak $*"
+        exec "$VENV/bin/python" -m tests.soak.soak "$@"
         ;;
 esac
