@@ -158,6 +158,14 @@ def _pixeldata_endpoint(level: Level) -> Callable[[Request], Awaitable[Response]
     return endpoint
 
 
+def _all_bulkdata_endpoint(level: Level) -> Callable[[Request], Awaitable[Response]]:
+    async def endpoint(request: Request) -> Response:
+        study, series, sop = _uids(request)
+        return await viewer.all_bulkdata(request, _viewer_context(request), level, study, series, sop)
+
+    return endpoint
+
+
 async def _frames_endpoint(request: Request) -> Response:
     study, series, sop = _uids(request)
     assert series is not None and sop is not None
@@ -193,6 +201,9 @@ def viewer_routes() -> list[Route]:
         Route("/studies/{study}/pixeldata", _pixeldata_endpoint(Level.STUDY), methods=["GET"]),
         Route("/studies/{study}/series/{series}/pixeldata", _pixeldata_endpoint(Level.SERIES), methods=["GET"]),
         Route(instance + "/pixeldata", _pixeldata_endpoint(Level.IMAGE), methods=["GET"]),
+        Route("/studies/{study}/bulkdata", _all_bulkdata_endpoint(Level.STUDY), methods=["GET"]),
+        Route("/studies/{study}/series/{series}/bulkdata", _all_bulkdata_endpoint(Level.SERIES), methods=["GET"]),
+        Route(instance + "/bulkdata", _all_bulkdata_endpoint(Level.IMAGE), methods=["GET"]),
         Route(instance + "/bulkdata/{path:path}", _bulkdata_endpoint, methods=["GET"]),
     ] + [
         Route(prefix + "/" + kind, _rendered_endpoint(level, kind == "thumbnail"), methods=["GET"])

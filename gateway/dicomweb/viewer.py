@@ -521,10 +521,61 @@ async def pixeldata(request: Request, ctx: ViewerContext, level: Level, study: s
             raise not_found(f"the instance has no pixel data: {exc}") from None
         parts = await in_thread(_frame_parts, ctx, inst, list(range(1, layout.number_of_frames + 1)), choice)
         return _bulk_response(parts, choice, cache_headers(ctx, etag))
-    return await _streamed_pixeldata(ctx, choice, study, series)
+    return await _streamed_parts(ctx, choice, study, series, _pixel_parts, "pixel data")
 
 
-async def _streamed_pixeldata(ctx: ViewerContext, choice: BulkChoice, study: str, series: str | None) -> Response:
+def _pixel_parts(ctx: ViewerContext, inst: CachedInstance, choice: BulkChoice) -> list[_FramePart]:
+    """In a worker thread: every frame of the instance, or nothing when it has no pixel data."""
+    try:
+        layout = inst.layout()
+    except NoPixelData:
+        return []
+    return _frame_parts(ctx, inst, list(range(1, layout.number_of_frames + 1)), choice)
+
+
+def _all_bulk_parts(ctx: ViewerContext, inst: CachedInstance, choice: BulkChoice) -> list[_FramePart]:
+    """In a worker thread: every value the instance's metadata gives a BulkDataURI, in the order
+    of the metadata; each part's Content-Location is that URI (Table 10.4.1.5-1)."""
+    text = inst.metadata_json(_bulk_uri_for(inst), ctx.bulk_threshold)
+    octet = any(p.part_type == OCTET_STREAM for p in choice.parts)
+    out: list[_FramePart] = []
+    for marked in re.findall(r'"BulkDataURI":"([^"]+)"', text):
+        location = marked.replace(_MARKER, ctx.base_url)
+        path = parse_tag_path(marked.split("/bulkdata/", 1)[1])
+        if path == (PIXEL_DATA,):
+            frames = _pixel_parts(ctx, inst, choice)
+            if frames and frames[0].content_type == f"{OCTET_STREAM}; transfer-syntax={EXPLICIT_VR_LE}":
+                frames = [_FramePart(frames[0].content_type, location, [c for f in frames for c in f.chunks])]
+            out.extend(frames)
+        elif octet:
+            try:
+                value, _vr = inst.bulk_value(path)
+            except NoSuchValue:
+                continue
+            out.append(_FramePart(f"{OCTET_STREAM}; transfer-syntax={EXPLICIT_VR_LE}", location, [value]))
+    return out
+
+
+async def all_bulkdata(request: Request, ctx: ViewerContext, level: Level, study: str, series: str | None,
+                       sop: str | None) -> Response:
+    """Every bulk data value of the instance(s), multipart, each part named by its BulkDataURI."""
+    choice = choose_bulk_media(request.headers.get("accept"), accept_params(request), strict=ctx.strict_accept)
+    if level == Level.IMAGE:
+        assert series is not None and sop is not None
+        # which values are bulk data depends on the threshold
+        etag = etag_for(ctx, request, _choice_text(choice) + f";threshold={ctx.bulk_threshold}")
+        if _matches(request, etag):
+            return not_modified(ctx, etag)
+        inst = await get_instance(ctx, study, series, sop)
+        parts = await in_thread(_all_bulk_parts, ctx, inst, choice)
+        if not parts:
+            raise not_found("the instance has no bulk data")
+        return _bulk_response(parts, choice, cache_headers(ctx, etag))
+    return await _streamed_parts(ctx, choice, study, series, _all_bulk_parts, "bulk data")
+
+
+async def _streamed_parts(ctx: ViewerContext, choice: BulkChoice, study: str, series: str | None,
+                          parts_for: Any, what: str) -> Response:
     series_list = [series] if series is not None else await _study_series(ctx, study)
     if not series_list:
         raise not_found(f"no such study on node {ctx.node.name!r}")
@@ -534,19 +585,16 @@ async def _streamed_pixeldata(ctx: ViewerContext, choice: BulkChoice, study: str
         for uid in series_list:
             async with aclosing(ctx.fetcher.series(study, uid)) as instances:
                 async for inst in instances:
-                    try:
-                        layout = await in_thread(inst.layout)
-                    except NoPixelData:
-                        continue
-                    ctx.note(inst)
-                    yield await in_thread(_frame_parts, ctx, inst, list(range(1, layout.number_of_frames + 1)),
-                                          choice)
+                    parts = await in_thread(parts_for, ctx, inst, choice)
+                    if parts:
+                        ctx.note(inst)
+                        yield parts
 
     generator = parts_of_all()
     try:
         first = await generator.__anext__()
     except StopAsyncIteration:
-        raise not_found("no pixel data in that " + ("series" if series else "study")) from None
+        raise not_found(f"no {what} in that " + ("series" if series else "study")) from None
     except NotInSeries:
         raise not_found("no such " + ("series" if series else "study") + f" on node {ctx.node.name!r}") from None
     except FetchFailed as exc:
@@ -571,7 +619,7 @@ async def _streamed_pixeldata(ctx: ViewerContext, choice: BulkChoice, study: str
                         yield chunk
             yield closing(boundary)
         except (FetchFailed, NotInSeries, DimseError, HttpProblem) as exc:
-            log.warning("pixel data on node %r aborted: %s", ctx.node.name, type(exc).__name__)
+            log.warning("%s on node %r aborted: %s", what, ctx.node.name, type(exc).__name__)
             raise StreamAborted(str(exc)) from None
 
     first_type = first[0].content_type.split(";")[0] if first else OCTET_STREAM

@@ -324,3 +324,36 @@ def test_a_series_five_times_the_bound_keeps_rss_under_cache_cap_plus_stream_bou
     assert peak < bound, f"peak RSS {peak / MB:.0f} MB over the bound {bound / MB:.0f} MB"
     print(f"\nseries {moved / MB:.0f} MB through a {CACHE_MB} MB cache: gateway peak RSS {peak / MB:.0f} MB, "
           f"bound {bound / MB:.0f} MB")
+
+
+def test_bulkdata_resources_send_every_value_named_by_its_uri(viewer_gateway: GatewayProcess) -> None:
+    ds = BULKY
+    series = viewer_gateway.url("get", f"/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}")
+    base = f"{series}/instances/{ds.SOPInstanceUID}"
+    with httpx.Client(timeout=30) as c:
+        [item] = c.get(base + "/metadata").json()
+
+        def uris(node: object) -> list[str]:
+            if isinstance(node, dict):
+                return ([node["BulkDataURI"]] if "BulkDataURI" in node else []) + [
+                    u for v in node.values() for u in uris(v)]
+            if isinstance(node, list):
+                return [u for v in node for u in uris(v)]
+            return []
+
+        expected = uris(item)
+        assert len(expected) == 4  # private OB, overlay, icon pixels in a sequence, pixel data
+        r = c.get(base + "/bulkdata")
+        assert r.status_code == 200
+        parts = parts_of(r)
+        assert sorted(h["content-location"] for h, _ in parts) == sorted(expected)
+        for headers, payload in parts:
+            single = c.get(headers["content-location"])
+            assert parts_of(single)[0][1] == payload
+        # a series: every instance's values; the pixel data of each of SERIES' 12 instances
+        r = c.get(viewer_gateway.url("get", f"/studies/{SERIES[0].StudyInstanceUID}/series/"
+                                            f"{SERIES[0].SeriesInstanceUID}/bulkdata"))
+        assert r.status_code == 200
+        payloads = sorted(p for _, p in parts_of(r))
+        assert payloads == sorted(frame_bytes(d, 1) for d in SERIES)
+        assert c.get(series.replace(ds.SeriesInstanceUID, "1.2.3.999") + "/bulkdata").status_code == 404

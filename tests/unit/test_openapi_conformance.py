@@ -166,7 +166,8 @@ _INSTANCE = "/studies/{}/series/{}/instances/{}"
 # written out here rather than read from app.viewer_routes(), so that a route lost there fails below
 VIEWER_SUFFIXES = (
     "/studies/{}/metadata", "/studies/{}/series/{}/metadata", _INSTANCE + "/metadata", _INSTANCE + "/frames/{}",
-    "/studies/{}/pixeldata", "/studies/{}/series/{}/pixeldata", _INSTANCE + "/pixeldata", _INSTANCE + "/bulkdata/{}",
+    "/studies/{}/pixeldata", "/studies/{}/series/{}/pixeldata", _INSTANCE + "/pixeldata",
+    "/studies/{}/bulkdata", "/studies/{}/series/{}/bulkdata", _INSTANCE + "/bulkdata", _INSTANCE + "/bulkdata/{}",
     "/studies/{}/rendered", "/studies/{}/series/{}/rendered", _INSTANCE + "/rendered", _INSTANCE + "/frames/{}/rendered",
     "/studies/{}/thumbnail", "/studies/{}/series/{}/thumbnail", _INSTANCE + "/thumbnail",
     _INSTANCE + "/frames/{}/thumbnail",
@@ -174,7 +175,10 @@ VIEWER_SUFFIXES = (
 
 
 def _viewer_kind(path: str) -> str:
-    """``metadata``, ``frames``, ``pixeldata``, ``bulkdata``, ``rendered`` or ``thumbnail``."""
+    """``metadata``, ``frames``, ``pixeldata``, ``bulkdata`` (one value, by its tag path),
+    ``bulkdata-all`` (every value of a study, series or instance: no path), ``rendered`` or ``thumbnail``."""
+    if normalize(path).endswith("/bulkdata"):
+        return "bulkdata-all"
     last = [part for part in normalize(path).split("/") if part != "{}"]
     return last[-1]
 
@@ -236,7 +240,7 @@ def test_every_app_route_is_in_openapi_and_back(app_routes: set[tuple[str, str]]
 
 def test_the_app_has_the_routes_this_document_describes(app_routes: set[tuple[str, str]]) -> None:
     # guards the normalization above: both mounts with all six QIDO resources, the three WADO-RS
-    # instance resources, the sixteen viewer resources and the two STOW-RS resources, WADO-URI on
+    # instance resources, the nineteen viewer resources and the two STOW-RS resources, WADO-URI on
     # both, plus the five others
     for mount in ("/dicom-web", "/nodes/{}/dicom-web"):
         for rel in ("/studies", "/series", "/instances", "/studies/{}/series", "/studies/{}/instances",
@@ -248,8 +252,8 @@ def test_the_app_has_the_routes_this_document_describes(app_routes: set[tuple[st
     assert ("/health", "GET") in app_routes and ("/openapi.json", "GET") in app_routes
     assert ("/metrics", "GET") in app_routes
     assert ("/ready", "GET") in app_routes and ("/status", "GET") in app_routes
-    assert len(VIEWER_SUFFIXES) == 16
-    assert len(app_routes) == 27 + 2 * len(VIEWER_SUFFIXES) + 2
+    assert len(VIEWER_SUFFIXES) == 19
+    assert len(app_routes) == 27 + 2 * 19 + 2
 
 
 def test_every_dicomweb_operation_is_a_search_or_a_retrieve(doc: dict[str, Any]) -> None:
@@ -619,6 +623,22 @@ def _compared_names(relative: str, functions: set[str]) -> set[str]:
     return names
 
 
+def _callers_of(relative: str, callee: str) -> set[str]:
+    """The functions of a module that call ``callee`` by name, directly or through other functions
+    of the module (the entry points that can reach a Range helper, say)."""
+    calls = {
+        func.name: {n.func.id for n in ast.walk(func) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
+        for func in ast.walk(_tree(relative)) if isinstance(func, (ast.FunctionDef, ast.AsyncFunctionDef))
+    }
+    found: set[str] = set()
+    targets = {callee}
+    while targets:
+        new = {name for name, called in calls.items() if called & targets} - found
+        found |= new
+        targets = new
+    return found
+
+
 def _render_parameter_names() -> set[str]:
     """The names ``render.parse_render_params`` reads: ``_single(values, "quality")``,
     ``values.get("accept", [])`` and ``"annotation" in values``."""
@@ -657,7 +677,7 @@ def test_viewer_query_parameters_are_the_codes(doc: dict[str, Any]) -> None:
     assert metadata == {"accept", "charset"} and bulk == {"accept"}, "the extraction needs to follow the code"
     assert {"quality", "viewport", "window", "annotation", "iccprofile", "accept"} <= rendering
     # charset: a mandatory parameter of the rendered resources (PS3.18 8.3.5.1), accepted and ignored
-    expected = {"metadata": metadata, "frames": bulk, "pixeldata": bulk, "bulkdata": bulk,
+    expected = {"metadata": metadata, "frames": bulk, "pixeldata": bulk, "bulkdata": bulk, "bulkdata-all": bulk,
                 "rendered": rendering | {"charset"}, "thumbnail": rendering | {"charset"}}
     for path, item, op in _viewer_operations(doc):
         query = {p["name"] for p in _parameters(doc, item, op) if p["in"] == "query"}
@@ -670,7 +690,9 @@ def test_viewer_headers_and_path_parameters(doc: dict[str, Any]) -> None:
         params = _parameters(doc, item, op)
         headers = {p["name"]: p for p in params if p["in"] == "header"}
         assert {"Accept", "If-None-Match", "X-Request-ID"} <= set(headers), path
-        assert ({"Range", "If-Range"} <= set(headers)) == (kind == "bulkdata"), path
+        # Range and If-Range on the Bulkdata resource of one value, and on nothing else
+        ranged = {"Range", "If-Range"}
+        assert (ranged <= set(headers)) if kind == "bulkdata" else not ranged & set(headers), path
         assert ("Accept-Encoding" in headers) == (kind == "metadata"), path
         accept = squash(headers["Accept"]["description"])
         if kind == "metadata":
@@ -728,14 +750,19 @@ def test_viewer_responses(doc: dict[str, Any]) -> None:
         ok = _resolve(doc, responses["200"])
         media = {
             "metadata": {"application/dicom+json", "application/json"}, "frames": bulk_media,
-            "bulkdata": bulk_media, "pixeldata": {"multipart/related"}, "thumbnail": images,
-            "rendered": images if one_instance else {"multipart/related"},
+            "bulkdata": bulk_media, "pixeldata": {"multipart/related"}, "bulkdata-all": {"multipart/related"},
+            "thumbnail": images, "rendered": images if one_instance else {"multipart/related"},
         }[kind]
         assert set(ok["content"]) == media, path
         headers = set(ok.get("headers", {}))
         assert "Cache-Control" in headers, path
         if one_instance or (kind == "metadata" and level == "series"):
             assert {"ETag", "Vary"} <= headers, path
+        elif kind in ("pixeldata", "bulkdata-all"):  # streamed, `private, no-cache`
+            assert "ETag" not in headers, path
+        if kind == "bulkdata-all":  # multipart only, no Range: the parts carry the Content-Location
+            assert not {"Accept-Ranges", "Content-Location"} & headers, path
+            assert "BulkDataURI" in ok["description"] and "Content-Location" in ok["description"], path
         if kind == "metadata":
             assert "Content-Encoding" in headers, path
         if kind == "bulkdata":
@@ -767,10 +794,16 @@ def test_every_status_the_code_sets_is_a_viewer_response(doc: dict[str, Any]) ->
     # the statuses only one module sets are on the operations that module answers
     viewer_only, _ = statuses_set_in("dicomweb/viewer.py")
     rendered_only, _ = statuses_set_in("dicomweb/rendered.py")
+    ranged = {416}  # only the Bulkdata resource of one value reads Range (``_byte_range``)
+    reaching = _callers_of("dicomweb/viewer.py", "_byte_range")
+    assert ranged <= viewer_only and "bulkdata" in reaching and not {"pixeldata", "all_bulkdata"} & reaching
     for path, _item, op in _viewer_operations(doc):
         kind = _viewer_kind(path)
         if kind == "bulkdata":
             assert {str(s) for s in viewer_only} <= set(op["responses"]), path
+        if kind in ("pixeldata", "bulkdata-all"):
+            assert {str(s) for s in viewer_only - ranged} <= set(op["responses"]), path
+            assert not {str(s) for s in ranged} & set(op["responses"]), path
         if kind in ("rendered", "thumbnail"):
             assert {str(s) for s in rendered_only} <= set(op["responses"]), path
 
