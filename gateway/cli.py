@@ -31,9 +31,11 @@ def serve(settings: Settings) -> None:
     from .admission import GracefulServer, server_options
     from .app import create_app
     from .logs import configure_logging
+    from .memory import tune_allocator
     from .tls import https_options
 
     configure_logging(settings.server.log_level, settings.server.log_json)
+    tune_allocator()
     app = create_app(settings)
     config = uvicorn.Config(
         app,

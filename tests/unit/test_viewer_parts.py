@@ -274,3 +274,13 @@ def test_cache_counts_what_an_entry_derives_later() -> None:
     cache.put("n", inst)
     cache.put("n", sized("b", 15_000))
     assert cache.bytes == sized("b", 15_000).size and cache.get("n", "a") is None
+
+
+def test_the_allocator_threshold_is_fixed_on_glibc() -> None:
+    """gateway/memory.py: on this (glibc) platform the call takes; the memory effect itself is
+    measured from outside by the cache memory test and the viewer benchmark."""
+    import platform
+
+    from gateway.memory import tune_allocator
+
+    assert tune_allocator() is (platform.libc_ver()[0] == "glibc")
