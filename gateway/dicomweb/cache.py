@@ -35,6 +35,7 @@ from gateway.dimse.ul import StoreRequest
 from . import transcode
 from .instance import CachedInstance
 from .plan import SERIES_UID, SOP_UID, first_value
+from .wado import study_classes
 from .syntaxes import EXPLICIT_VR_LE, web_safe
 
 log = logging.getLogger("gateway.cache")
@@ -151,6 +152,7 @@ class _Slot:
     instance: CachedInstance | None = None
 
 
+_MAX_COMPLETE = 10000  # complete-series records kept at most
 _FOLLOWER_REFS = 16  # a follower keeps at most this many instances itself; older ones by UID only
 
 
@@ -184,6 +186,8 @@ class _Fetch:
         self.waiters: dict[str, list[_Slot]] = {}
         self.followers: list[_Follower] = []
         self.expected: set[str] | None = None  # from the instance listing, when it ran
+        self.listed = anyio.Event()  # the listing ended (``expected`` stays None if it failed)
+        self._alongside = False  # the listing runs beside the retrieve
         self.done = anyio.Event()
         self.error: FetchFailed | None = None
         self.outcome: RetrieveOutcome | None = None
@@ -207,12 +211,45 @@ class _Fetch:
         for follower in self.followers:
             follower.wake.set()
 
+    def _listed(self, instances: list[tuple[str, str, str]]) -> None:
+        self.expected = {sop for _, sop, _ in instances}
+        self.listed.set()
+
+    async def _list_alongside(self) -> None:
+        """The listing, while the C-GET already runs: what the series must hold to be complete."""
+        try:
+            self._listed(await self.fetcher.list(self.study, self.series, self.sop))
+        except DimseError as exc:
+            log.warning("instance listing for completeness failed on node %r: %s", self.fetcher.node.name,
+                        exc.message)
+        finally:
+            self.listed.set()
+
+    async def _instances(self) -> list[tuple[str, str, str]]:
+        """What the retrieve proposes storage contexts for. A C-GET of a series needs only the SOP
+        classes: it starts after a study-level C-FIND for them, and the instance listing runs
+        alongside (on a large series the listing takes as long as a good part of the retrieve)."""
+        if self.listing is not None:
+            self._listed(self.listing)
+            return self.listing
+        node = self.fetcher.node
+        if node.settings.retrieve == "get" and self.sop is None:
+            classes = await study_classes(node, self.study)
+            if classes is None:  # no such study
+                self._listed([])
+                return []
+            if classes:
+                self._alongside = True
+                node.pool.spawn(self._list_alongside)
+                return [("", "", c) for c in classes]
+        instances = await self.fetcher.list(self.study, self.series, self.sop)
+        self._listed(instances)
+        return instances
+
     async def run(self) -> None:
         node = self.fetcher.node
         try:
-            instances = self.listing if self.listing is not None else await self.fetcher.list(
-                self.study, self.series, self.sop)
-            self.expected = {sop for _, sop, _ in instances}
+            instances = await self._instances()
             if not instances:
                 return
             request = RetrieveRequest(
@@ -237,7 +274,15 @@ class _Fetch:
         except DimseError as exc:
             self.error = FetchFailed(exc, None, exc.message)
         finally:
+            if self._alongside:
+                # waiters are told why an instance is missing from the listing: let it end first
+                with anyio.move_on_after(self.fetcher.stall_timeout, shield=True):
+                    await self.listed.wait()
+            self.listed.set()
             self.fetcher._forget(self)
+            if (self.sop is None and self.error is None and self.expected
+                    and self.expected <= set(self.arrived)):
+                self.fetcher._remember_complete(self.study, self.series, sorted(self.expected))
             self._finish()
 
     def _prepare(self, store: StoreRequest) -> CachedInstance:
@@ -262,7 +307,30 @@ class Fetcher:
         self.prefetch = prefetch
         self.stall_timeout = stall_timeout
         self._running: dict[tuple[str, str, str | None], _Fetch] = {}
+        # series retrieved whole: (study, series) -> (their instances, until when that is trusted)
+        self._complete: dict[tuple[str, str], tuple[list[str], float]] = {}
         self.retrieves_started = 0
+
+    def _remember_complete(self, study: str, series: str, uids: list[str]) -> None:
+        """A series that arrived whole: while every instance of it is cached (and for the cache's
+        TTL at most), its metadata is served without asking the PACS again."""
+        now = time.monotonic()
+        if len(self._complete) >= _MAX_COMPLETE:
+            for key in [k for k, (_, until) in self._complete.items() if until <= now]:
+                del self._complete[key]
+            while len(self._complete) >= _MAX_COMPLETE:
+                del self._complete[next(iter(self._complete))]
+        self._complete[(study, series)] = (uids, now + self.cache.ttl)
+
+    def _cached_series(self, study: str, series: str) -> list[CachedInstance] | None:
+        entry = self._complete.get((study, series))
+        if entry is None or entry[1] <= time.monotonic():
+            self._complete.pop((study, series), None)
+            return None
+        found = [self.cache.get(self.node.name, uid) for uid in entry[0]]
+        if any(inst is None or inst.series_uid != series or inst.study_uid != study for inst in found):
+            return None
+        return found  # type: ignore[return-value]
 
     def _forget(self, fetch: _Fetch) -> None:
         key = (fetch.study, fetch.series, fetch.sop)
@@ -358,18 +426,14 @@ class Fetcher:
         when given, receives the series' SOP Instance UIDs before the first instance is yielded."""
         fetch = self._series_fetch(study, series)
         if fetch is None:
-            listing = await self.list(study, series)
-            if not listing:
-                raise NotInSeries("no such series on node " + repr(self.node.name))
-            cached = [self.cache.get(self.node.name, sop) for _, sop, _ in listing]
-            if all(inst is not None and inst.series_uid == series for inst in cached):
+            cached = self._cached_series(study, series)
+            if cached is not None:
                 if listed is not None:
-                    listed.extend(sop for _, sop, _ in listing)
+                    listed.extend(inst.sop_uid for inst in cached)
                 for inst in cached:
-                    assert inst is not None
                     yield inst
                 return
-            fetch = self._start(study, series, None, listing)
+            fetch = self._start(study, series, None)
         follower = _Follower()
         fetch.followers.append(follower)
         seen: set[str] = set()
@@ -383,8 +447,11 @@ class Fetcher:
                         continue
                     seen.add(uid)
                     instance = held or await self.instance(study, series, uid)
-                    if listed is not None and not listed and fetch.expected is not None:
-                        listed.extend(fetch.expected)
+                    if listed is not None and not seen - {uid}:
+                        # the first instance: the listing names the series' instances (an ETag)
+                        with anyio.move_on_after(self.stall_timeout):
+                            await fetch.listed.wait()
+                        listed.extend(sorted(fetch.expected or ()))
                     yield instance
                 if fetch.done.is_set():
                     break

@@ -134,7 +134,7 @@ def _coalesce(buffers: Sequence[bytes | memoryview]) -> list[bytes | memoryview]
     return out
 
 
-async def _study_classes(ctx: WadoContext, study: str) -> list[str] | None:
+async def study_classes(node: NodeClient, study: str) -> list[str] | None:
     """SOPClassesInStudy from a STUDY-level C-FIND: None when the study is not there, [] when the
     PACS does not say (it is an optional key)."""
     identifier = Dataset()
@@ -150,7 +150,7 @@ async def _study_classes(ctx: WadoContext, study: str) -> list[str] | None:
         return [str(v).strip() for v in values if str(v).strip()]
 
     found: list[str] | None = None
-    async with aclosing(ctx.node.queries.find(identifier, prepare=classes)) as matches:
+    async with aclosing(node.queries.find(identifier, prepare=classes)) as matches:
         async for match in matches:
             if (first_value(match.identifier, 0x0020000D) or study) == study:
                 found = sorted(set(found or []) | set(match.prepared))
@@ -228,7 +228,7 @@ async def retrieve(request: Request, ctx: WadoContext, level: Level, study: str,
     resource = Resource(Level.IMAGE, study, series)
     listing: _Listing | None = None
     try:
-        classes = await _study_classes(ctx, study) if series is not None and ctx.node.settings.retrieve == "get" else []
+        classes = await study_classes(ctx.node, study) if series is not None and ctx.node.settings.retrieve == "get" else []
         if classes is None:
             instances = []
         elif classes:

@@ -166,13 +166,18 @@ def test_concurrent_frame_requests_for_a_series_cost_one_retrieve(viewer_pacs: t
     with httpx.Client(timeout=30) as c:
         for ds in SERIES:
             assert c.get(frame_url(viewer_gateway, node, ds)).status_code == 200
+        finds = pacs.find_requests
         meta = c.get(viewer_gateway.url(node, f"/studies/{SERIES[0].StudyInstanceUID}/series/"
                                               f"{SERIES[0].SeriesInstanceUID}/metadata"))
         assert meta.status_code == 200 and len(meta.json()) == len(SERIES)
+        assert pacs.find_requests == finds, "a series that arrived whole and is cached: not even a C-FIND"
+        etag = meta.headers["etag"]
+        again = c.get(meta.url, headers={"If-None-Match": etag})
+        assert again.status_code == 304, "the revalidation lists the series again and finds it unchanged"
         metrics = httpx.get(viewer_gateway.base + "/metrics").text
     # the audit log names every instance each request sent
     records = [json.loads(line) for line in viewer_gateway.audit_path.read_text().splitlines()]
-    [metadata_record] = [r for r in records if r["route"].endswith("/metadata")]
+    [metadata_record] = [r for r in records if r["route"].endswith("/metadata") and r["status"] == 200]
     assert sorted(metadata_record["instances"]) == sorted(ds.SOPInstanceUID for ds in SERIES)
     frame_records = [r for r in records if r["route"].endswith("/frames/{frames}")]
     assert len(frame_records) == 2 * len(SERIES)
