@@ -720,6 +720,11 @@ def _wait_for_close(sock: socket.socket, timeout: float) -> None:
         pass
 
 
+# Association PDUs (A-ASSOCIATE-RQ/AC/RJ, release, abort) hold presentation contexts and user
+# information: 128 contexts of a few dozen transfer syntaxes stay far below this.
+MAX_NEGOTIATION_PDU = 1 << 20
+
+
 def _read_raw_pdu(sock: socket.socket, node: str, timeout: float, requestor: bool = False) -> tuple[int, bytearray]:
     header = bytearray(6)
     # a PACS that expects TLS drops a plain association request without a word
@@ -727,7 +732,11 @@ def _read_raw_pdu(sock: socket.socket, node: str, timeout: float, requestor: boo
         requestor and not isinstance(sock, ssl.SSLSocket)) else ""
     for buf in (header, None):
         if buf is None:
-            buf = bytearray(struct.unpack_from(">I", header, 2)[0])
+            length = struct.unpack_from(">I", header, 2)[0]
+            if length > MAX_NEGOTIATION_PDU:  # a peer's word is no reason to allocate gigabytes
+                raise ConnectionLost(node, f"the peer announced a {length}-byte association PDU "
+                                           f"(at most {MAX_NEGOTIATION_PDU} taken)")
+            buf = bytearray(length)
         view = memoryview(buf)
         got = 0
         while got < len(view):

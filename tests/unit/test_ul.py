@@ -149,3 +149,17 @@ def test_idle_health_notices_a_peer_that_went_away() -> None:
     assert assoc.idle_and_healthy()
     peer.close()
     assert not assoc.idle_and_healthy()
+
+
+def test_an_association_pdu_announcing_gigabytes_is_refused_before_allocating() -> None:
+    from gateway.dimse.ul import MAX_NEGOTIATION_PDU, _read_raw_pdu
+
+    ours, peer = socket.socketpair()
+    with ours, peer:
+        ours.settimeout(2)
+        peer.sendall(b"\x02\x00" + struct.pack(">I", 0xFFFFFFF0))
+        with pytest.raises(ConnectionLost, match="association PDU"):
+            _read_raw_pdu(ours, "node", 2.0, requestor=True)
+        peer.sendall(b"\x02\x00" + struct.pack(">I", 4) + b"abcd")
+        assert _read_raw_pdu(ours, "node", 2.0, requestor=True) == (2, bytearray(b"\x02\x00\x00\x00\x00\x04abcd"))
+    assert MAX_NEGOTIATION_PDU >= 64 * 1024
