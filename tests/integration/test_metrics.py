@@ -137,6 +137,25 @@ def test_metrics_after_search_retrieve_store_and_404(metered: GatewayProcess, st
         assert uid not in text
 
 
+def test_cache_series_count_hits_misses_and_bytes(metered: GatewayProcess, studies: list[Dataset]) -> None:
+    target = next(d for d in studies if int(d.get("NumberOfFrames", 1) or 1) > 1)
+    url = metered.url(None, f"/studies/{target.StudyInstanceUID}/series/{target.SeriesInstanceUID}/instances/"
+                            f"{target.SOPInstanceUID}/frames/")
+    _, before = scrape(metered)
+    frames = int(target.NumberOfFrames)
+    with httpx.Client(timeout=60) as client:
+        for number in range(1, frames + 1):
+            assert client.get(url + str(number)).status_code == 200
+    _, after = scrape(metered)
+    lookups = "dicomweb_gateway_cache_lookups_total"
+    hits = value(after, lookups, result="hit") - value(before, lookups, result="hit")
+    misses = value(after, lookups, result="miss") - value(before, lookups, result="miss")
+    assert misses >= 1 and hits >= frames - 1, (hits, misses)  # the first frame retrieved it, the rest hit
+    assert value(after, "dicomweb_gateway_cache_instances") >= 1
+    assert value(after, "dicomweb_gateway_cache_bytes") >= len(target.PixelData)
+    assert "dicomweb_gateway_cache_evictions_total" in after
+
+
 def test_associations_go_back_to_idle(metered: GatewayProcess) -> None:
     httpx.get(metered.url(None, "/studies"), headers={"Accept": "application/dicom+json"}, timeout=30)
     _, samples = scrape_until(metered, lambda s: value(s, "dicomweb_gateway_associations_in_use", node="demo") == 0)
