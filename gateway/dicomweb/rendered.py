@@ -287,7 +287,9 @@ def _region_viewport(params: render.RenderParams, region: str, inst: CachedInsta
     from dataclasses import replace
 
     ds = inst.dataset()
-    columns, rows = int(ds.Columns), int(ds.Rows)
+    columns, rows = int(ds.get("Columns") or 0), int(ds.get("Rows") or 0)
+    if not columns or not rows:
+        return params  # no image to crop: the renderer says why it cannot render (422)
     x1, y1, x2, y2 = (float(p) for p in region.split(","))
     sx, sy = int(x1 * columns), int(y1 * rows)
     sw, sh = max(1, int((x2 - x1) * columns)), max(1, int((y2 - y1) * rows))
