@@ -213,15 +213,24 @@ def viewer_routes() -> list[Route]:
     ]
 
 
+def _by_method(get: Callable[[Request], Awaitable[Response]],
+               post: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+    """One route for a path that answers GET and POST, so that a 405 lists both in Allow
+    (Starlette's 405 names only the methods of the first route matching the path)."""
+    async def endpoint(request: Request) -> Response:
+        return await (post if request.method == "POST" else get)(request)
+
+    return endpoint
+
+
 def dicomweb_routes() -> list[Route]:
     return viewer_routes() + [
-        Route("/studies", _store_endpoint(False), methods=["POST"]),
-        Route("/studies/{study}", _store_endpoint(True), methods=["POST"]),
-        Route("/studies/{study}", _retrieve_endpoint(Level.STUDY), methods=["GET"]),
+        Route("/studies", _by_method(_search_endpoint(Level.STUDY), _store_endpoint(False)), methods=["GET", "POST"]),
+        Route("/studies/{study}", _by_method(_retrieve_endpoint(Level.STUDY), _store_endpoint(True)),
+              methods=["GET", "POST"]),
         Route("/studies/{study}/series/{series}", _retrieve_endpoint(Level.SERIES), methods=["GET"]),
         Route("/studies/{study}/series/{series}/instances/{instance}", _retrieve_endpoint(Level.IMAGE),
               methods=["GET"]),
-        Route("/studies", _search_endpoint(Level.STUDY), methods=["GET"]),
         Route("/series", _search_endpoint(Level.SERIES), methods=["GET"]),
         Route("/instances", _search_endpoint(Level.IMAGE), methods=["GET"]),
         Route("/studies/{study}/series", _search_endpoint(Level.SERIES), methods=["GET"]),

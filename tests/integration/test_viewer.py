@@ -385,3 +385,11 @@ def test_malformed_resource_paths(gateway: GatewayProcess, studies: list[Dataset
     r = client.get(url)
     assert r.status_code in (400, 404), (path, r.status_code, r.text)
     assert r.status_code != 404 or path == "/frames/", path
+
+
+@pytest.mark.parametrize("path", ["/studies", "/studies/1.2.3"])
+def test_a_wrong_method_is_405_naming_every_allowed_method(gateway: GatewayProcess, client: httpx.Client,
+                                                           path: str) -> None:
+    r = client.delete(gateway.url("demo", path))
+    assert r.status_code == 405 and r.json()["error"] == "method-not-allowed"
+    assert {m.strip() for m in r.headers["allow"].split(",")} >= {"GET", "POST"}
