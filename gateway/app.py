@@ -132,7 +132,7 @@ def _viewer_context(request: Request) -> viewer.ViewerContext:
         strict_accept=settings.qido.strict_accept, bulk_threshold=settings.wado.bulk_threshold,
         max_age=settings.wado.max_age, stall_timeout=settings.wado.stall_timeout,
         fanout_concurrency=settings.qido.fanout_concurrency, fanout_max_parents=settings.qido.fanout_max_parents,
-        scope=request.scope,
+        scope=request.scope, warning_quoted=settings.qido.warning_quoted,
     )
 
 

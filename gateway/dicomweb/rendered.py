@@ -94,7 +94,7 @@ def _headers(ctx: ViewerContext, etag: str, params: render.RenderParams) -> dict
     headers = cache_headers(ctx, etag)
     text = render.annotation_warning(params)
     if text:
-        headers["Warning"] = warning_value(ctx.base_url, text, quoted=False)
+        headers["Warning"] = warning_value(ctx.base_url, text, quoted=ctx.warning_quoted)
     return headers
 
 
@@ -325,7 +325,8 @@ async def wado_uri(request: Request, ctx: ViewerContext) -> Response:
             render_params = _wado_render_params(request, media)
     headers = cache_headers(ctx, etag)
     if unknown:
-        headers["Warning"] = warning_value(ctx.base_url, "ignored parameters: " + ", ".join(unknown)[:200], False)
+        headers["Warning"] = warning_value(ctx.base_url, "ignored parameters: " + ", ".join(unknown)[:200],
+                                           ctx.warning_quoted)
     if media == "application/dicom":
         for name in ("annotation", "rows", "columns", "region", "windowCenter", "windowWidth", "frameNumber",
                      "imageQuality"):

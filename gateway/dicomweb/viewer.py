@@ -66,6 +66,7 @@ class ViewerContext:
     fanout_concurrency: int = 4
     fanout_max_parents: int = 1000
     scope: Any = None  # the request's ASGI scope, for its audit record
+    warning_quoted: bool = False  # qido.warning_quoted: the form of Warning headers
 
     def note(self, *instances: CachedInstance) -> None:
         """The instances this request sends, for the audit log."""
