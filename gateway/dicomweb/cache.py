@@ -19,13 +19,11 @@ from __future__ import annotations
 
 import logging
 import threading
-from contextlib import aclosing
 import time
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 import anyio
-from pydicom.dataset import Dataset
 
 from gateway.dimse.errors import DimseError
 from gateway.dimse.node import NodeClient
@@ -34,12 +32,10 @@ from gateway.dimse.ul import StoreRequest
 
 from . import transcode
 from .instance import CachedInstance
-from .plan import SERIES_UID, SOP_UID, first_value
-from .wado import study_classes
+from .wado import list_series, study_classes
 from .syntaxes import EXPLICIT_VR_LE, web_safe
 
 log = logging.getLogger("gateway.cache")
-SOP_CLASS = 0x00080016
 
 
 class InstanceCache:
@@ -341,25 +337,7 @@ class Fetcher:
         """(series, SOP Instance UID, SOP Class UID) of the series' instances (or of one), from an
         IMAGE-level C-FIND: the C-GET proposes contexts for these classes, and the UIDs are what a
         complete series is checked against."""
-        identifier = Dataset()
-        identifier.QueryRetrieveLevel = "IMAGE"
-        identifier.StudyInstanceUID = study
-        identifier.SeriesInstanceUID = series
-        identifier.SOPInstanceUID = sop or ""
-        identifier.SOPClassUID = ""
-
-        def uids(ds: Dataset) -> tuple[str, str, str]:
-            return (first_value(ds, SERIES_UID) or series, first_value(ds, SOP_UID) or "",
-                    first_value(ds, SOP_CLASS) or "")
-
-        out = []
-        async with aclosing(self.node.queries.find(identifier, prepare=uids)) as matches:
-            async for match in matches:
-                found_series, found_sop, sop_class = match.prepared
-                # a PACS may ignore a key it was given: keep only what was asked for
-                if found_sop and found_series == series and (sop is None or found_sop == sop):
-                    out.append((found_series, found_sop, sop_class))
-        return out
+        return await list_series(self.node, study, series, sop)
 
     def _start(self, study: str, series: str, sop: str | None,
                listing: list[tuple[str, str, str]] | None = None) -> _Fetch:

@@ -39,7 +39,7 @@ from .qido import warning_value
 from .streaming import StallGuardedResponse, closing, new_boundary, part_header
 from .viewer import (
     ViewerContext,
-    _fetch_problem,
+    first_item,
     _matches,
     _study_series,
     cache_headers,
@@ -157,16 +157,8 @@ async def _rendered_many(ctx: ViewerContext, study: str, series: str | None,
                                       instance_url(ctx.base_url, inst) + "/rendered") + image + b"\r\n"
 
     generator = images()
-    try:
-        first = await generator.__anext__()
-    except StopAsyncIteration:
-        raise HttpProblem(422, "not-renderable", "no instance there can be rendered") from None
-    except NotInSeries:
-        raise not_found("no such " + ("series" if series else "study") + f" on node {ctx.node.name!r}") from None
-    except FetchFailed as exc:
-        raise _fetch_problem(ctx, exc) from None
-    except DimseError as exc:
-        raise from_dimse(exc) from None
+    first = await first_item(ctx, generator, "series" if series else "study",
+                             HttpProblem(422, "not-renderable", "no instance there can be rendered"))
 
     async def body() -> AsyncIterator[bytes]:
         try:

@@ -231,9 +231,8 @@ async def metadata(request: Request, ctx: ViewerContext, level: Level, study: st
             return not_modified(ctx, etag, immutable=False)
     listed: list[str] = []
     items = _series_metadata(ctx, study, series_list, listed if series is not None else None)
-    first = await _first(items)
-    if first is None:
-        raise not_found("no such " + ("series" if series else "study") + f" on node {ctx.node.name!r}")
+    level_name = "series" if series else "study"
+    first = await first_item(ctx, items, level_name, not_found(f"no such {level_name} on node {ctx.node.name!r}"))
     headers = cache_headers(ctx, etag_for(ctx, request, representation, sorted(listed)), immutable=False) \
         if listed else {"Cache-Control": "private, no-cache", "Vary": "Accept, Accept-Encoding"}
 
@@ -273,26 +272,20 @@ def _gzip_bytes(data: bytes) -> bytes:
     return compressor.compress(data) + compressor.flush()
 
 
-async def _first(items: AsyncIterator[str]) -> str | None:
+async def first_item(ctx: ViewerContext, items: AsyncIterator[Any], level: str, empty: HttpProblem) -> Any:
+    """The first item of a stream over a series or a study, before any header is sent: ``empty``
+    when there is none, a 404 for a series or study the PACS does not have, the PACS's failure as
+    502/503/504."""
     try:
         return await items.__anext__()
     except StopAsyncIteration:
-        return None
+        raise empty from None
     except NotInSeries:
-        await items.aclose()
-        return None
+        raise not_found(f"no such {level} on node {ctx.node.name!r}") from None
     except FetchFailed as exc:
-        await items.aclose()
-        raise _fetch_problem_from(exc) from None
+        raise _fetch_problem(ctx, exc) from None
     except DimseError as exc:
-        await items.aclose()
         raise from_dimse(exc) from None
-
-
-def _fetch_problem_from(exc: FetchFailed) -> HttpProblem:
-    if exc.error is not None:
-        return from_dimse(exc.error)
-    return HttpProblem(502, "pacs-failure", str(exc))
 
 
 async def _series_metadata(ctx: ViewerContext, study: str, series_list: list[str],
@@ -592,16 +585,8 @@ async def _streamed_parts(ctx: ViewerContext, choice: BulkChoice, study: str, se
                         yield parts
 
     generator = parts_of_all()
-    try:
-        first = await generator.__anext__()
-    except StopAsyncIteration:
-        raise not_found(f"no {what} in that " + ("series" if series else "study")) from None
-    except NotInSeries:
-        raise not_found("no such " + ("series" if series else "study") + f" on node {ctx.node.name!r}") from None
-    except FetchFailed as exc:
-        raise _fetch_problem(ctx, exc) from None
-    except DimseError as exc:
-        raise from_dimse(exc) from None
+    level_name = "series" if series else "study"
+    first = await first_item(ctx, generator, level_name, not_found(f"no {what} in that {level_name}"))
 
     def framed(batch: list[_FramePart]) -> Iterable[bytes]:
         for part in batch:

@@ -88,9 +88,13 @@ async def list_instances(ctx: WadoContext, resource: Resource, sop_uid: str | No
 
 
 async def _list_series(ctx: WadoContext, study: str, series: str, sop_uid: str | None) -> list[tuple[str, str, str]]:
-    """One IMAGE-level C-FIND (valid in hierarchical mode: both parent UIDs are given), each match
-    reduced to its three UIDs in the DIMSE thread: the listing before a series retrieve is on the
-    critical path to the first byte."""
+    return await list_series(ctx.node, study, series, sop_uid)
+
+
+async def list_series(node: NodeClient, study: str, series: str, sop_uid: str | None) -> list[tuple[str, str, str]]:
+    """(series, SOP Instance UID, SOP Class UID) of a series' instances (or of one of them): one
+    IMAGE-level C-FIND (valid in hierarchical mode: both parent UIDs are given), each match reduced
+    to its three UIDs in the DIMSE thread, since the listing can be on the path to the first byte."""
     identifier = Dataset()
     identifier.QueryRetrieveLevel = "IMAGE"
     identifier.StudyInstanceUID = study
@@ -102,7 +106,7 @@ async def _list_series(ctx: WadoContext, study: str, series: str, sop_uid: str |
         return first_value(ds, SERIES_UID) or series, first_value(ds, SOP_UID) or "", first_value(ds, SOP_CLASS) or ""
 
     out = []
-    async with aclosing(ctx.node.queries.find(identifier, prepare=uids)) as matches:
+    async with aclosing(node.queries.find(identifier, prepare=uids)) as matches:
         async for match in matches:
             found_series, sop, sop_class = match.prepared
             # a PACS may ignore a key it was given: keep only what was asked for
