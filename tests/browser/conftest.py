@@ -38,6 +38,7 @@ from tests.support.realpacs import (
     ORTHANC_DICOMWEB_PLUGIN,
     OrthancServer,
     free_port,
+    missing_part,
     require_binary,
 )
 
@@ -54,13 +55,6 @@ DRIVER_TIMEOUT_S = 90
 
 def node_binary() -> str:
     return shutil.which("node") or "/usr/bin/node"
-
-
-def missing_part(message: str) -> None:
-    """A real part is missing: fail under ``CI=true``, skip elsewhere (as ``require_binary`` does)."""
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(message, pytrace=False)
-    pytest.skip(message)
 
 
 def require_node(minimum: int = 20) -> None:

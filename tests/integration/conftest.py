@@ -16,7 +16,6 @@ own process with one node per PACS:
 
 from __future__ import annotations
 
-import os
 from typing import Iterator
 
 import httpx
@@ -187,10 +186,6 @@ def gateway(
 def client() -> Iterator[httpx.Client]:
     with httpx.Client(timeout=30) as c:
         yield c
-
-
-def in_ci() -> bool:
-    return os.environ.get("CI", "").lower() == "true"
 
 
 @pytest.hookimpl(hookwrapper=True)
