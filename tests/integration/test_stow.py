@@ -15,7 +15,7 @@ from dicomweb_client.api import DICOMwebClient
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
-from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, generate_uid
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from tests.integration.stow_support import *  # noqa: F403 - the STOW fixtures
 from tests.integration.stow_support import (

@@ -6,7 +6,6 @@ import io
 import re
 import subprocess
 import threading
-from typing import Iterator
 
 import httpx
 import numpy as np

@@ -5,7 +5,6 @@ under httpx's ASGI transport."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import threading
@@ -45,12 +44,7 @@ NODE: dict[str, Any] = {"name": "pacs", "ae_title": "MAIN-PACS", "host": "10.1.2
 MB = 1_000_000
 
 
-@pytest.fixture(autouse=True)
-def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in list(os.environ):
-        if name.startswith("DWG_"):
-            monkeypatch.delenv(name)
-    monkeypatch.setenv("DWG_AUTH_ENABLED", "false")
+pytestmark = pytest.mark.usefixtures("auth_off")
 
 
 def settings_with(limits: dict[str, Any] | None = None, **sections: Any) -> Any:

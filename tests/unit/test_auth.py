@@ -54,11 +54,6 @@ API_KEY = "k" * 40
 STUDY, SERIES, INSTANCE = "1.2.826.0.1.3680043.8.498.1", "1.2.826.0.1.3680043.8.498.2", "1.2.826.0.1.3680043.8.498.3"
 
 
-@pytest.fixture(autouse=True)
-def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in list(os.environ):
-        if name.startswith("DWG_"):
-            monkeypatch.delenv(name)
 
 
 def settings_with(auth: dict[str, Any] | None = None, **sections: Any) -> Settings:

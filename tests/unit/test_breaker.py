@@ -3,7 +3,6 @@ its HTTP mapping. No sockets: the clock is a variable and the connect function a
 
 from __future__ import annotations
 
-import os
 from types import SimpleNamespace
 from typing import Any
 
@@ -209,12 +208,7 @@ def test_breaker_open_is_a_503_with_retry_after() -> None:
 NODE: dict[str, Any] = {"name": "pacs", "ae_title": "MAIN-PACS", "host": "10.1.2.3", "port": 104}
 
 
-@pytest.fixture(autouse=True)
-def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in list(os.environ):
-        if name.startswith("DWG_"):
-            monkeypatch.delenv(name)
-    monkeypatch.setenv("DWG_AUTH_ENABLED", "false")
+pytestmark = pytest.mark.usefixtures("auth_off")
 
 
 def test_breaker_settings_defaults_and_overrides(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -14,13 +13,7 @@ from gateway.config import ConfigError, Settings, env_name_for_node, load_settin
 NODE: dict[str, Any] = {"name": "pacs", "ae_title": "MAIN-PACS", "host": "10.1.2.3", "port": 104}
 
 
-@pytest.fixture(autouse=True)
-def clean_environment(monkeypatch):
-    """No DWG_* variable of the machine running the tests may leak into them."""
-    for name in list(os.environ):
-        if name.startswith("DWG_"):
-            monkeypatch.delenv(name)
-    monkeypatch.setenv("DWG_AUTH_ENABLED", "false")  # auth's own settings: tests/unit/test_auth.py
+pytestmark = pytest.mark.usefixtures("auth_off")
 
 
 def with_node(**changes: Any) -> dict[str, Any]:

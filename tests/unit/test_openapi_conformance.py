@@ -10,7 +10,6 @@ from __future__ import annotations
 import ast
 import inspect
 import json
-import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -52,12 +51,6 @@ HTTP_METHODS = ("get", "put", "post", "delete", "options", "head", "patch", "tra
 NODE: dict[str, Any] = {"name": "pacs", "ae_title": "MAIN-PACS", "host": "10.1.2.3", "port": 104}
 
 
-@pytest.fixture(autouse=True)
-def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No DWG_* variable of the machine running the tests may leak into the settings."""
-    for name in list(os.environ):
-        if name.startswith("DWG_"):
-            monkeypatch.delenv(name)
 
 
 @pytest.fixture

@@ -35,11 +35,6 @@ from tests.support.certs import TestPki, make_pki
 NODE: dict[str, Any] = {"name": "pacs", "ae_title": "MAIN-PACS", "host": "127.0.0.1", "port": 104}
 
 
-@pytest.fixture(autouse=True)
-def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in list(os.environ):
-        if name.startswith("DWG_"):
-            monkeypatch.delenv(name)
 
 
 @pytest.fixture(scope="module")

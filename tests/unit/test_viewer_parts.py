@@ -10,7 +10,7 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.encaps import encapsulate, encapsulate_extended
+from pydicom.encaps import encapsulate_extended
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, RLELossless
 from starlette.requests import Request
