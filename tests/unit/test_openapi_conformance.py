@@ -184,6 +184,17 @@ def _viewer_level(path: str) -> str:
     return "series" if rel.startswith("/studies/{}/series/{}") else "study"
 
 
+def assert_every_response_names_its_request(doc: dict[str, Any], path: str, responses: dict[str, Any]) -> None:
+    """503 carries Retry-After; every response an X-Request-ID; every 4xx and 5xx the Error body."""
+    assert "Retry-After" in _resolve(doc, responses["503"])["headers"], path
+    for status, response in responses.items():
+        response = _resolve(doc, response)
+        assert "X-Request-ID" in response.get("headers", {}), f"{path}: X-Request-ID on {status}"
+        if status.startswith(("4", "5")):
+            schema = response["content"]["application/json"]["schema"]
+            assert schema == {"$ref": "#/components/schemas/Error"}, f"{path}: {status}"
+
+
 def _parameters(doc: dict[str, Any], item: dict[str, Any], op: dict[str, Any]) -> list[dict[str, Any]]:
     return [_resolve(doc, p) for p in [*item.get("parameters", []), *op.get("parameters", [])]]
 
@@ -325,13 +336,7 @@ def test_search_responses(doc: dict[str, Any]) -> None:
         assert _resolve(doc, ok["content"]["application/dicom+json"]["schema"])["type"] == "array"
         for status in ("200", "204"):
             assert "Warning" in _resolve(doc, responses[status])["headers"], f"{path}: Warning on {status}"
-        assert "Retry-After" in _resolve(doc, responses["503"])["headers"], path
-        for status, response in responses.items():
-            response = _resolve(doc, response)
-            assert "X-Request-ID" in response.get("headers", {}), f"{path}: X-Request-ID on {status}"
-            if status.startswith(("4", "5")):
-                schema = response["content"]["application/json"]["schema"]
-                assert schema == {"$ref": "#/components/schemas/Error"}, f"{path}: {status}"
+        assert_every_response_names_its_request(doc, path, responses)
 
 
 def _retrieve_query_parameter_names() -> set[str]:
@@ -371,13 +376,7 @@ def test_retrieve_responses(doc: dict[str, Any]) -> None:
         for media in ok["content"].values():
             assert media["schema"] == {"type": "string", "format": "binary"}, path
         assert "Warning" not in ok.get("headers", {}), f"{path}: retrieve sends no Warning"
-        assert "Retry-After" in _resolve(doc, responses["503"])["headers"], path
-        for status, response in responses.items():
-            response = _resolve(doc, response)
-            assert "X-Request-ID" in response.get("headers", {}), f"{path}: X-Request-ID on {status}"
-            if status.startswith(("4", "5")):
-                schema = response["content"]["application/json"]["schema"]
-                assert schema == {"$ref": "#/components/schemas/Error"}, f"{path}: {status}"
+        assert_every_response_names_its_request(doc, path, responses)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -767,13 +766,7 @@ def test_viewer_responses(doc: dict[str, Any]) -> None:
         if "304" in responses:
             not_modified = _resolve(doc, responses["304"])
             assert "content" not in not_modified and "ETag" in not_modified["headers"], path
-        assert "Retry-After" in _resolve(doc, responses["503"])["headers"], path
-        for status, response in responses.items():
-            response = _resolve(doc, response)
-            assert "X-Request-ID" in response.get("headers", {}), f"{path}: X-Request-ID on {status}"
-            if status.startswith(("4", "5")):
-                schema = response["content"]["application/json"]["schema"]
-                assert schema == {"$ref": "#/components/schemas/Error"}, f"{path}: {status}"
+        assert_every_response_names_its_request(doc, path, responses)
 
 
 def test_every_status_the_code_sets_is_a_viewer_response(doc: dict[str, Any]) -> None:
