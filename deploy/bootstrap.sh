@@ -138,13 +138,21 @@ ensure_test_servers() {
     for p in "${pkgs[@]}"; do
         deb_installed "$p" || missing+=("$p")
     done
-    [[ ${#missing[@]} == 0 ]] && return 0
+    install_or_explain "the tests that need them" "${missing[@]}"
+}
+
+install_or_explain() {
+    # install_or_explain WHO PKG...: apt-get install the packages as root; otherwise say how, and
+    # go on (the tests that need them fail under CI=true and are skipped otherwise)
+    local who="$1"
+    shift
+    [[ $# == 0 ]] && return 0
     if can_apt; then
-        apt_install "${missing[@]}" || die "apt-get install ${missing[*]} failed"
+        apt_install "$@" || die "apt-get install $* failed"
     else
-        log "missing Debian packages: ${missing[*]}"
-        log "  install them with: sudo apt-get install --no-install-recommends ${missing[*]}"
-        log "  (continuing: tests that need them fail under CI=true and are skipped otherwise)"
+        log "missing Debian packages: $*"
+        log "  install them with: sudo apt-get install --no-install-recommends $*"
+        log "  (continuing: $who fail under CI=true and are skipped otherwise)"
     fi
 }
 
@@ -156,14 +164,7 @@ ensure_browser_tools() {
     [[ -x /usr/bin/chromium ]] || missing+=(chromium)
     have node || missing+=(nodejs)
     have npm || missing+=(npm)
-    [[ ${#missing[@]} == 0 ]] && return 0
-    if can_apt; then
-        apt_install "${missing[@]}" || die "apt-get install ${missing[*]} failed"
-    else
-        log "missing for the browser tests: ${missing[*]}"
-        log "  install them with: sudo apt-get install --no-install-recommends ${missing[*]}"
-        log "  (continuing: the browser tests fail under CI=true and are skipped otherwise)"
-    fi
+    install_or_explain "the browser tests" "${missing[@]}"
 }
 
 ensure_browser_npm() {
