@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import tomllib
 from typing import Any
 
 import httpx
@@ -361,9 +362,8 @@ def test_cors_for_a_viewer_on_another_origin(gateway: GatewayProcess, studies: l
 
 
 def _node_port(gateway: GatewayProcess, name: str) -> int:
-    text = gateway.config_path.read_text()
-    block = text.split(f'name = "{name}"', 1)[1]
-    return int(block.split("port = ", 1)[1].split("\n", 1)[0])
+    nodes = tomllib.loads(gateway.config_path.read_text())["nodes"]
+    return int(next(n["port"] for n in nodes if n["name"] == name))
 
 
 @pytest.mark.parametrize("path", ["/metadata", "/series/1.2.3/metadata", "/series/1.2.3/instances/1.2.4/frames/1",
