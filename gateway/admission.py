@@ -48,7 +48,6 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import lru_cache
 from types import FrameType
 from typing import Any
 
@@ -59,7 +58,9 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from .auth import route_path
 from .config import LimitsSettings, Settings
+from .dicomweb.urls import _networks
 from .dimse.retrieve import HANDOFF_BUDGET
 from .middleware import StreamAborted, request_id_var
 from .problems import HttpProblem, problem_response
@@ -83,13 +84,6 @@ _SEARCH_RE = re.compile(r"^/(?:studies|series|instances|studies/[^/]+/(?:series|
 
 # ------------------------------------------------------------------------------------------------
 # Which requests count against what
-
-
-def route_path(scope: Scope) -> str:
-    """The path the router sees: without the server's root path."""
-    path: str = scope["path"]
-    root: str = scope.get("root_path", "")
-    return path[len(root):] if root and path.startswith(root) else path
 
 
 def is_dicomweb(path: str) -> bool:
@@ -153,11 +147,6 @@ class RateLimiter:
 
     def __len__(self) -> int:
         return len(self._buckets)
-
-
-@lru_cache(maxsize=64)
-def _networks(proxies: tuple[str, ...]) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
-    return tuple(ipaddress.ip_network(p, strict=False) for p in proxies)
 
 
 def _address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:

@@ -31,7 +31,6 @@ import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from functools import lru_cache
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -39,7 +38,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .auth import IDENTITY_KEY, Identity, route_node, route_path
 from .config import AuditSettings, Settings
-from .http_metrics import route_template
+from .dicomweb.urls import _networks
+from .http_metrics import request_route
 
 log = logging.getLogger("gateway.audit")  # the application log's voice about the audit log: never a record
 
@@ -271,11 +271,6 @@ class AuditLog:
 # The record of one request
 
 
-@lru_cache(maxsize=64)
-def _networks(proxies: tuple[str, ...]) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
-    return tuple(ipaddress.ip_network(p, strict=False) for p in proxies)
-
-
 def _address(value: str) -> str:
     """``"[2001:db8::1]:4711"`` or ``192.0.2.1:80`` -> the bare address; anything else as it is."""
     value = value.strip().strip('"')
@@ -379,8 +374,7 @@ class AuditMiddleware:
         notes = _Notes()
         state = scope.setdefault("state", {})
         state[NOTES_KEY] = notes
-        routes = getattr(scope.get("app"), "routes", ())
-        route = route_template(routes, scope["method"], scope["path"], scope.get("root_path", ""))
+        route = request_route(scope)  # the metrics' meter may have worked it out already
         started_at, started = time.time(), time.perf_counter()
         status = 0
         sent = received = 0

@@ -495,10 +495,7 @@ def validate(s: Settings) -> None:
         for key in ("connect", "acse", "dimse"):
             _check_positive(f"{w}.timeouts.{key}", getattr(n.timeouts, key))
         if n.tls.enabled:
-            for key in ("ca_file", "cert_file", "key_file"):
-                path = getattr(n.tls, key)
-                if path and not Path(path).is_file():
-                    raise ConfigError(f"{w}.tls.{key}", f"file not found: {path}")
+            _check_files(f"{w}.tls", n.tls, ("ca_file", "cert_file", "key_file"))
             if bool(n.tls.cert_file) != bool(n.tls.key_file):
                 raise ConfigError(f"{w}.tls", "cert_file and key_file go together")
     _validate_auth(s.auth, {n.name for n in s.nodes})
@@ -560,8 +557,7 @@ def _validate_auth(a: AuthSettings, known_nodes: set[str]) -> None:
                     "set auth.issuer and auth.audience for OAuth2/OIDC bearer tokens, and/or add [[auth.api_keys]] "
                     "(hashes from `dicomweb-gateway hash-key`); to serve without authentication, set "
                     "auth.enabled = false explicitly")
-    if a.ca_file and not Path(a.ca_file).is_file():
-        raise ConfigError("auth.ca_file", f"file not found: {a.ca_file}")
+    _check_files("auth", a, ("ca_file",))
     if not a.algorithms:
         raise ConfigError("auth.algorithms", "must name at least one algorithm")
     for alg in a.algorithms:
@@ -651,10 +647,7 @@ def _validate_audit(a: AuditSettings) -> None:
         raise ConfigError("audit.path", f"directory not found: {Path(a.path).parent}")
     if a.syslog_host:
         _check_port("audit.syslog_port", a.syslog_port)
-        for key in ("syslog_ca_file", "syslog_cert_file", "syslog_key_file"):
-            path = getattr(a, key)
-            if path and not Path(path).is_file():
-                raise ConfigError(f"audit.{key}", f"file not found: {path}")
+        _check_files("audit", a, ("syslog_ca_file", "syslog_cert_file", "syslog_key_file"))
         if bool(a.syslog_cert_file) != bool(a.syslog_key_file):
             raise ConfigError("audit", "syslog_cert_file and syslog_key_file go together")
 

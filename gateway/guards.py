@@ -18,6 +18,8 @@ A refusal is a 400 that names the rule, before any C-FIND.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import lru_cache
+
 from pydicom.datadict import tag_for_keyword
 from pydicom.tag import Tag
 
@@ -100,5 +102,11 @@ def _one_of(group: tuple[str, ...]) -> str:
 def guard_search(query: QidoQuery, scoped_to_study: bool, node: NodeSettings) -> None:
     """The node's guards on a parsed search; ``Refusal`` when it breaks one."""
     if node.required_keys or node.min_wildcard_chars:
-        check_search(query, scoped_to_study, node.name, parse_required_keys(node.required_keys),
+        check_search(query, scoped_to_study, node.name, _required_keys(tuple(node.required_keys)),
                      node.min_wildcard_chars)
+
+
+@lru_cache(maxsize=64)
+def _required_keys(groups: tuple[str, ...]) -> tuple[tuple[str, ...], ...]:
+    """``parse_required_keys`` once per node setting, not on every search."""
+    return parse_required_keys(groups)

@@ -19,6 +19,7 @@ from .metrics import Metrics
 log = logging.getLogger("gateway")
 
 UNMATCHED = "other"
+ROUTE_KEY = "route_template"  # in scope["state"]
 
 
 def route_template(routes: Sequence[BaseRoute], method: str, path: str, root_path: str = "") -> str:
@@ -26,6 +27,17 @@ def route_template(routes: Sequence[BaseRoute], method: str, path: str, root_pat
     match, else the first partial one, which answers 405), or ``UNMATCHED``."""
     scope: Scope = {"type": "http", "method": method, "path": path, "root_path": root_path, "path_params": {}}
     return _template(routes, scope, "") or UNMATCHED
+
+
+def request_route(scope: Scope) -> str:
+    """``route_template`` of this request, worked out once and kept in ``scope["state"]`` for the
+    metrics and the audit log. Call it before routing, which rewrites ``root_path`` for mounted apps."""
+    state = scope.setdefault("state", {})
+    route: str | None = state.get(ROUTE_KEY)
+    if route is None:
+        routes = getattr(scope.get("app"), "routes", ())
+        route = state[ROUTE_KEY] = route_template(routes, scope["method"], scope["path"], scope.get("root_path", ""))
+    return route
 
 
 def _template(routes: Sequence[BaseRoute], scope: Scope, prefix: str) -> str | None:
@@ -45,33 +57,22 @@ def _template(routes: Sequence[BaseRoute], scope: Scope, prefix: str) -> str | N
 
 
 class RequestMeter:
-    """One request's metrics, kept by the middleware: ``started`` when the response starts (the
-    route is known by then), ``sent`` for each body chunk, ``finished`` at the very end. With no
+    """One request's metrics, kept by the middleware: the route when it is made, ``started`` when
+    the response starts, ``sent`` for each body chunk, ``finished`` at the very end. With no
     ``Metrics`` it records nothing."""
 
     def __init__(self, metrics: Metrics | None, scope: Scope) -> None:
         self.metrics = metrics
         if metrics is None:
             return
-        # taken now: routing rewrites root_path for mounted apps
-        self._app = scope.get("app")
         self._method = scope["method"]
-        self._path = scope["path"]
-        self._root_path = scope.get("root_path", "")
-        self._route: str | None = None
+        try:
+            self.route = request_route(scope)  # now: routing rewrites root_path for mounted apps
+        except Exception:  # never let a label fail a request
+            log.exception("could not name the route for the metrics")
+            self.route = UNMATCHED
         self._bytes: Counter | None = None
         metrics.http_in_progress.inc()
-
-    @property
-    def route(self) -> str:
-        if self._route is None:
-            try:
-                routes = getattr(self._app, "routes", ())
-                self._route = route_template(routes, self._method, self._path, self._root_path)
-            except Exception:  # never let a label fail a request
-                log.exception("could not name the route for the metrics")
-                self._route = UNMATCHED
-        return self._route
 
     def started(self) -> None:
         if self.metrics is not None and self._bytes is None:
