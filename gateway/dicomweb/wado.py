@@ -68,7 +68,7 @@ class Part:
 async def list_instances(ctx: WadoContext, resource: Resource, sop_uid: str | None) -> list[tuple[str, str, str]]:
     """(series UID, SOP Instance UID, SOP Class UID) of every instance the retrieve covers."""
     if resource.series_uid:
-        return await _list_series(ctx, resource.study_uid or "", resource.series_uid, sop_uid)
+        return await list_series(ctx.node, resource.study_uid or "", resource.series_uid, sop_uid)
     query = parse_query("includefield=SOPClassUID" + (f"&SOPInstanceUID={sop_uid}" if sop_uid else ""))
     caps = await ctx.node.capabilities()
     plan = build_plan(resource, query, relational=caps.relational, fuzzy_accepted=False,
@@ -85,10 +85,6 @@ async def list_instances(ctx: WadoContext, resource: Resource, sop_uid: str | No
             if sop:
                 out.append((series, sop, first_value(ds, SOP_CLASS) or ""))
     return out
-
-
-async def _list_series(ctx: WadoContext, study: str, series: str, sop_uid: str | None) -> list[tuple[str, str, str]]:
-    return await list_series(ctx.node, study, series, sop_uid)
 
 
 async def list_series(node: NodeClient, study: str, series: str, sop_uid: str | None) -> list[tuple[str, str, str]]:

@@ -75,10 +75,6 @@ class StoreOutcome:
     reason: str = ""
     error: DimseError | None = None  # the association-level error, when that is why it failed
 
-    @property
-    def stored(self) -> bool:
-        return is_stored(self.status)
-
 
 Converter = Callable[[bytes | bytearray | memoryview, str, Sequence[str]], tuple[bytes | bytearray | memoryview, str]]
 
