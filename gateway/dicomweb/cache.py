@@ -173,10 +173,8 @@ class _Follower:
 class _Fetch:
     """One retrieve (of a series, or of one instance), shared by every request that needs it."""
 
-    def __init__(self, fetcher: "Fetcher", study: str, series: str, sop: str | None,
-                 listing: list[tuple[str, str, str]] | None = None) -> None:
+    def __init__(self, fetcher: "Fetcher", study: str, series: str, sop: str | None) -> None:
         self.fetcher = fetcher
-        self.listing = listing
         self.study, self.series, self.sop = study, series, sop
         self.arrived: list[str] = []  # SOP Instance UIDs, in arrival order
         self.waiters: dict[str, list[_Slot]] = {}
@@ -225,9 +223,6 @@ class _Fetch:
         """What the retrieve proposes storage contexts for. A C-GET of a series needs only the SOP
         classes: it starts after a study-level C-FIND for them, and the instance listing runs
         alongside (on a large series the listing takes as long as a good part of the retrieve)."""
-        if self.listing is not None:
-            self._listed(self.listing)
-            return self.listing
         node = self.fetcher.node
         if node.settings.retrieve == "get" and self.sop is None:
             classes = await study_classes(node, self.study)
@@ -291,8 +286,6 @@ class _Fetch:
         return CachedInstance.from_dataset_bytes(self.study, self.series, store.sop_instance_uid,
                                                  store.sop_class_uid, ts, store.chunks)
 
-    # -- consumers --------------------------------------------------------------------------------
-
 
 class Fetcher:
     """The retrieves that fill the cache for one node; see the module's docstring."""
@@ -305,7 +298,6 @@ class Fetcher:
         self._running: dict[tuple[str, str, str | None], _Fetch] = {}
         # series retrieved whole: (study, series) -> (their instances, until when that is trusted)
         self._complete: dict[tuple[str, str], tuple[list[str], float]] = {}
-        self.retrieves_started = 0
 
     def _remember_complete(self, study: str, series: str, uids: list[str]) -> None:
         """A series that arrived whole: while every instance of it is cached (and for the cache's
@@ -339,14 +331,12 @@ class Fetcher:
         complete series is checked against."""
         return await list_series(self.node, study, series, sop)
 
-    def _start(self, study: str, series: str, sop: str | None,
-               listing: list[tuple[str, str, str]] | None = None) -> _Fetch:
+    def _start(self, study: str, series: str, sop: str | None) -> _Fetch:
         key = (study, series, sop)
         fetch = self._running.get(key)
         if fetch is None:
-            fetch = _Fetch(self, study, series, sop, listing)
+            fetch = _Fetch(self, study, series, sop)
             self._running[key] = fetch
-            self.retrieves_started += 1
             self.node.pool.spawn(fetch.run)
         return fetch
 
@@ -447,11 +437,3 @@ class Fetcher:
                               f"the retrieve of the series ended with {len(missing)} instance(s) missing")
         if not seen:
             raise NotInSeries("no such series on node " + repr(self.node.name))
-
-
-def outcome_message(outcome: RetrieveOutcome | None) -> str:
-    if outcome is None:
-        return "no final status"
-    return f"status 0x{(outcome.status or 0):04X}, {outcome.completed} completed, {outcome.failed} failed"
-
-

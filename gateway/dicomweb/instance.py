@@ -22,17 +22,15 @@ from pydicom.dataset import Dataset
 
 from . import transcode
 from .dicomjson import dataset_to_json
-from .syntaxes import EXPLICIT_VR_BE, IMPLICIT_VR_LE, EXPLICIT_VR_LE, DEFLATED_EXPLICIT_VR_LE
+from .syntaxes import DEFLATED_EXPLICIT_VR_LE
 
 PIXEL_DATA = 0x7FE00010
 FLOAT_PIXEL_DATA = 0x7FE00008
 DOUBLE_PIXEL_DATA = 0x7FE00009
 EXTENDED_OFFSETS = 0x7FE00001
-EXTENDED_LENGTHS = 0x7FE00002
 _ITEM = 0xE000FFFE  # (FFFE,E000) read as a little-endian uint32 of group, element
 _SEQUENCE_END = 0xE0DDFFFE
 _UNDEFINED = 0xFFFFFFFF
-NATIVE_SYNTAXES = frozenset({IMPLICIT_VR_LE, EXPLICIT_VR_LE, DEFLATED_EXPLICIT_VR_LE, EXPLICIT_VR_BE})
 DEFER_SIZE = 1024  # values longer than this stay in the bytes until asked for
 
 TagPath = tuple[int, ...]  # tag, item index, tag, item index, ..., tag
@@ -216,7 +214,7 @@ def _layout(ds: Dataset, p10: bytes, transfer_syntax: str) -> FrameLayout:
     else:
         start = raw.value_tell
     length = raw.length if isinstance(raw, RawDataElement) else len(ds.PixelData)
-    if transfer_syntax in NATIVE_SYNTAXES:
+    if transfer_syntax in transcode.NATIVE:
         if transfer_syntax == DEFLATED_EXPLICIT_VR_LE:
             raise NoPixelData("deflated data sets are not cut into frames")
         bits = _int(ds, "BitsAllocated", 0) or 0

@@ -34,7 +34,7 @@ from gateway.problems import HttpProblem, bad_request, from_dimse, not_acceptabl
 from . import render, transcode
 from .attributes import Level
 from .cache import FetchFailed, NotInSeries
-from .instance import CachedInstance, NoPixelData
+from .instance import DOUBLE_PIXEL_DATA, FLOAT_PIXEL_DATA, PIXEL_DATA, CachedInstance, NoPixelData
 from .qido import warning_value
 from .streaming import StallGuardedResponse, closing, new_boundary, part_header
 from .viewer import (
@@ -90,6 +90,12 @@ def _check_frame(inst: CachedInstance, frame: int) -> None:
         raise not_found(f"frame {frame} is beyond the instance's {count} frame(s)")
 
 
+def _checked_render(inst: CachedInstance, frame: int, params: render.RenderParams) -> bytes:
+    """In a worker thread: the frame checked (404), then rendered; one trip to the thread."""
+    _check_frame(inst, frame)
+    return _render(inst, frame, params)
+
+
 def _headers(ctx: ViewerContext, etag: str, params: render.RenderParams) -> dict[str, str]:
     headers = cache_headers(ctx, etag)
     text = render.annotation_warning(params)
@@ -115,8 +121,7 @@ async def rendered(request: Request, ctx: ViewerContext, level: Level, study: st
             series, sop = await _representative(ctx, study, series)
         assert series is not None and sop is not None
         inst = await get_instance(ctx, study, series, sop)
-        await in_thread(_check_frame, inst, frame)
-        image = await in_thread(_render, inst, frame, params)
+        image = await in_thread(_checked_render, inst, frame, params)
         headers = _headers(ctx, etag, params) if level == Level.IMAGE else {"Cache-Control": "private, no-cache"}
         return Response(image, media_type=params.media_type, headers=headers)
     return await _rendered_many(ctx, study, series, params)
@@ -214,16 +219,17 @@ def _int_param(request: Request, name: str, low: int, high: int) -> int | None:
     return int(value)
 
 
-def _wado_content_type(request: Request, has_pixels: bool | None) -> str:
+def _wado_content_type(request: Request) -> str:
+    """The first type of ``contentType`` produced here; a wildcard after others is a JPEG."""
     value = _one(request, "contentType")
     if value is None:
-        return "image/jpeg" if has_pixels is not False else "application/dicom"
+        return "image/jpeg"
     for item in value.split(","):
         media = item.split(";")[0].strip().lower()
         if media in ("application/dicom", "image/jpeg", "image/png", "image/gif"):
             return media
         if media in ("*/*", "image/*"):
-            return "image/jpeg" if has_pixels is not False else "application/dicom"
+            return "image/jpeg"
     raise not_acceptable("WADO-URI here produces application/dicom, image/jpeg, image/png and image/gif")
 
 
@@ -302,7 +308,7 @@ async def wado_uri(request: Request, ctx: ViewerContext) -> Response:
     declared = _one(request, "contentType")
     # a wildcard first leaves the choice to the instance: an image if it has pixels
     wildcard = declared is not None and declared.split(",")[0].split(";")[0].strip() in ("*/*", "image/*")
-    media = _wado_content_type(request, None) if declared is not None and not wildcard else None
+    media = _wado_content_type(request) if declared is not None and not wildcard else None
     render_params: tuple[render.RenderParams, int] | None = None
     if media is not None and media != "application/dicom":
         render_params = _wado_render_params(request, media)
@@ -331,14 +337,13 @@ async def wado_uri(request: Request, ctx: ViewerContext) -> Response:
     region = _one(request, "region")
     if region is not None:
         params = await in_thread(_region_viewport, params, region, inst)
-    await in_thread(_check_frame, inst, frame)
-    image = await in_thread(_render, inst, frame, params)
+    image = await in_thread(_checked_render, inst, frame, params)
     return Response(image, media_type=params.media_type, headers=headers)
 
 
 def _has_pixels(inst: CachedInstance) -> bool:
     ds = inst.dataset()
-    return any(tag in ds for tag in (0x7FE00010, 0x7FE00008, 0x7FE00009))
+    return any(tag in ds for tag in (PIXEL_DATA, FLOAT_PIXEL_DATA, DOUBLE_PIXEL_DATA))
 
 
 def _as_dicom(inst: CachedInstance, wanted: str | None) -> tuple[Any, str]:

@@ -52,6 +52,7 @@ _TAG = re.compile(r"^[0-9A-Fa-f]{8}$")
 _INDEX = re.compile(r"^(0|[1-9][0-9]{0,8})$")
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
 MAX_FRAMES_PER_REQUEST = 10000
+_OCTET_LE = f"{OCTET_STREAM}; transfer-syntax={EXPLICIT_VR_LE}"  # raw little-endian bytes
 
 
 @dataclass(frozen=True)
@@ -321,13 +322,9 @@ async def _study_series(ctx: ViewerContext, study: str) -> list[str]:
     return out
 
 
-async def _instance_uids(ctx: ViewerContext, study: str, series: str | None) -> list[str]:
-    from .wado import WadoContext, list_instances
-
-    wctx = WadoContext(ctx.node, ctx.base_url, ctx.stall_timeout, ctx.strict_accept, ctx.fanout_concurrency,
-                       ctx.fanout_max_parents)
+async def _instance_uids(ctx: ViewerContext, study: str, series: str) -> list[str]:
     try:
-        found = await list_instances(wctx, Resource(Level.IMAGE, study, series), None)
+        found = await ctx.fetcher.list(study, series)
     except DimseError as exc:
         raise from_dimse(exc) from None
     return [sop for _, sop, _ in found]
@@ -403,6 +400,18 @@ def _frame_parts(ctx: ViewerContext, inst: CachedInstance, frames: list[int], ch
             raise not_acceptable(str(exc)) from None
         out.append(_FramePart(f"{part_type}; transfer-syntax={ts}", f"{base}/frames/{number}", chunks))
     return out
+
+
+def _all_frame_parts(ctx: ViewerContext, inst: CachedInstance, choice: BulkChoice) -> list[_FramePart]:
+    """In a worker thread: every frame of the instance; ``NoPixelData`` when it has none."""
+    return _frame_parts(ctx, inst, list(range(1, inst.layout().number_of_frames + 1)), choice)
+
+
+def _whole_value(parts: list[_FramePart], location: str) -> list[_FramePart]:
+    """Uncompressed frames as the one Pixel Data value they are cut from, named ``location``."""
+    if parts and parts[0].content_type == _OCTET_LE:
+        return [_FramePart(parts[0].content_type, location, [c for p in parts for c in p.chunks])]
+    return parts
 
 
 def _check_frames(inst: CachedInstance, frames: list[int]) -> None:
@@ -510,10 +519,9 @@ async def pixeldata(request: Request, ctx: ViewerContext, level: Level, study: s
             return not_modified(ctx, etag)
         inst = await get_instance(ctx, study, series, sop)
         try:
-            layout = await in_thread(inst.layout)
+            parts = await in_thread(_all_frame_parts, ctx, inst, choice)
         except NoPixelData as exc:
             raise not_found(f"the instance has no pixel data: {exc}") from None
-        parts = await in_thread(_frame_parts, ctx, inst, list(range(1, layout.number_of_frames + 1)), choice)
         return _bulk_response(parts, choice, cache_headers(ctx, etag))
     return await _streamed_parts(ctx, choice, study, series, _pixel_parts, "pixel data")
 
@@ -521,10 +529,9 @@ async def pixeldata(request: Request, ctx: ViewerContext, level: Level, study: s
 def _pixel_parts(ctx: ViewerContext, inst: CachedInstance, choice: BulkChoice) -> list[_FramePart]:
     """In a worker thread: every frame of the instance, or nothing when it has no pixel data."""
     try:
-        layout = inst.layout()
+        return _all_frame_parts(ctx, inst, choice)
     except NoPixelData:
         return []
-    return _frame_parts(ctx, inst, list(range(1, layout.number_of_frames + 1)), choice)
 
 
 def _all_bulk_parts(ctx: ViewerContext, inst: CachedInstance, choice: BulkChoice) -> list[_FramePart]:
@@ -537,16 +544,13 @@ def _all_bulk_parts(ctx: ViewerContext, inst: CachedInstance, choice: BulkChoice
         location = marked.replace(_MARKER, ctx.base_url)
         path = parse_tag_path(marked.split("/bulkdata/", 1)[1])
         if path == (PIXEL_DATA,):
-            frames = _pixel_parts(ctx, inst, choice)
-            if frames and frames[0].content_type == f"{OCTET_STREAM}; transfer-syntax={EXPLICIT_VR_LE}":
-                frames = [_FramePart(frames[0].content_type, location, [c for f in frames for c in f.chunks])]
-            out.extend(frames)
+            out.extend(_whole_value(_pixel_parts(ctx, inst, choice), location))
         elif octet:
             try:
                 value, _vr = inst.bulk_value(path)
             except NoSuchValue:
                 continue
-            out.append(_FramePart(f"{OCTET_STREAM}; transfer-syntax={EXPLICIT_VR_LE}", location, [value]))
+            out.append(_FramePart(_OCTET_LE, location, [value]))
     return out
 
 
@@ -653,16 +657,14 @@ async def bulkdata(request: Request, ctx: ViewerContext, study: str, series: str
     location = f"{instance_url(ctx.base_url, inst)}/bulkdata/{format_tag_path(path)}"
     if path == (PIXEL_DATA,):
         try:
-            layout = await in_thread(inst.layout)
+            parts = await in_thread(_all_frame_parts, ctx, inst, choice)
         except NoPixelData:
-            layout = None
-        if layout is not None:
+            parts = None
+        if parts is not None:
             # uncompressed: the whole value, every frame in one part; compressed: one part per
             # frame, the frame's fragments joined (8.7.3.3.2)
-            parts = await in_thread(_frame_parts, ctx, inst, list(range(1, layout.number_of_frames + 1)), choice)
-            if parts[0].content_type == f"{OCTET_STREAM}; transfer-syntax={EXPLICIT_VR_LE}":
-                parts = [_FramePart(parts[0].content_type, location, [c for p in parts for c in p.chunks])]
-            elif len(parts) > 1 and choice.media_type != "multipart/related":
+            parts = _whole_value(parts, location)
+            if len(parts) > 1 and choice.media_type != "multipart/related":
                 raise not_acceptable("compressed pixel data of several frames is sent as multipart/related only")
             return _ranged(request, ctx, parts, choice, etag, location)
     try:
@@ -671,7 +673,7 @@ async def bulkdata(request: Request, ctx: ViewerContext, study: str, series: str
         raise not_found(f"no bulk data at that path: {exc}") from None
     if not any(p.part_type == OCTET_STREAM for p in choice.parts):
         raise not_acceptable("this bulk data value is sent as application/octet-stream only")
-    part = _FramePart(f"{OCTET_STREAM}; transfer-syntax={EXPLICIT_VR_LE}", location, [value])
+    part = _FramePart(_OCTET_LE, location, [value])
     return _ranged(request, ctx, [part], choice, etag, location)
 
 
@@ -688,7 +690,6 @@ def _ranged(request: Request, ctx: ViewerContext, parts: list[_FramePart], choic
         return _bulk_response(parts, choice, headers)
     start, end = span
     joined = memoryview(b"".join(bytes(c) for c in part.chunks) if len(part.chunks) > 1 else part.chunks[0])
-    sliced = _FramePart(part.content_type, location, [joined[start:end + 1]])
     headers["Content-Range"] = f"bytes {start}-{end}/{size}"
     if choice.media_type == "multipart/related":
         boundary = _boundary_for(headers)
@@ -697,7 +698,8 @@ def _ranged(request: Request, ctx: ViewerContext, parts: list[_FramePart], choic
         return _ChunkResponse([head, joined[start:end + 1], b"\r\n", closing(boundary)], status=206,
                               media_type=f'multipart/related; type="{part.content_type.split(";")[0]}"; '
                               f"boundary={boundary}", headers=headers)
-    return _bulk_response([sliced], choice, headers, status=206)
+    return _bulk_response([_FramePart(part.content_type, location, [joined[start:end + 1]])], choice, headers,
+                          status=206)
 
 
 __all__ = [
