@@ -86,7 +86,7 @@ class InstanceCache:
             self.bytes += size
             self._shrink(self.max_bytes)
 
-    def resize(self, instance: CachedInstance, node: str, before: int = 0) -> None:
+    def resize(self, instance: CachedInstance, node: str) -> None:
         """Account for what an entry derived since it was put (its metadata, say)."""
         with self._lock:
             key = (node, instance.sop_uid)

@@ -182,12 +182,18 @@ def _bulk_uri_for(inst: CachedInstance) -> Any:
     return uri
 
 
-async def instance_metadata_text(ctx: ViewerContext, inst: CachedInstance) -> str:
+def _marked_metadata(ctx: ViewerContext, inst: CachedInstance) -> str:
+    """In a worker thread: the instance's metadata JSON with the base-URL marker, worked out once
+    per instance; the cache counts what it adds to the instance."""
     before = inst.size
-    text = await in_thread(inst.metadata_json, _bulk_uri_for(inst), ctx.bulk_threshold)
+    text = inst.metadata_json(_bulk_uri_for(inst), ctx.bulk_threshold)
     if inst.size != before:
-        ctx.fetcher.cache.resize(inst, ctx.node.name, before)
-    return text.replace(_MARKER, ctx.base_url)
+        ctx.fetcher.cache.resize(inst, ctx.node.name)
+    return text
+
+
+async def instance_metadata_text(ctx: ViewerContext, inst: CachedInstance) -> str:
+    return (await in_thread(_marked_metadata, ctx, inst)).replace(_MARKER, ctx.base_url)
 
 
 def _gzip_wanted(request: Request) -> bool:
@@ -537,7 +543,7 @@ def _pixel_parts(ctx: ViewerContext, inst: CachedInstance, choice: BulkChoice) -
 def _all_bulk_parts(ctx: ViewerContext, inst: CachedInstance, choice: BulkChoice) -> list[_FramePart]:
     """In a worker thread: every value the instance's metadata gives a BulkDataURI, in the order
     of the metadata; each part's Content-Location is that URI (Table 10.4.1.5-1)."""
-    text = inst.metadata_json(_bulk_uri_for(inst), ctx.bulk_threshold)
+    text = _marked_metadata(ctx, inst)
     octet = any(p.part_type == OCTET_STREAM for p in choice.parts)
     out: list[_FramePart] = []
     for marked in re.findall(r'"BulkDataURI":"([^"]+)"', text):

@@ -263,9 +263,8 @@ def test_cache_counts_what_an_entry_derives_later() -> None:
     cache = InstanceCache(max_bytes=20_000, ttl=60)
     inst = sized("a", 1000)
     cache.put("n", inst)
-    before = inst.size
     inst._metadata = "x" * 3000
-    cache.resize(inst, "n", before)
+    cache.resize(inst, "n")
     assert cache.bytes == inst.size
     inst._metadata = "x" * 9000  # derived again without telling the cache: dropping it still balances
     assert cache.get("n", "a") is inst
