@@ -1,15 +1,24 @@
-"""What the three benchmarks (run.py for QIDO, wado.py, stow.py) share: their command-line entry
-point, the gateway log lines worth reporting, and the summary of a py-spy recording."""
+"""What the benchmarks (run.py for QIDO, wado.py, stow.py, viewer.py) share: their command-line entry
+point, the gateway log lines worth reporting, and py-spy: finding it, recording with it, and the
+summary of a recording."""
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 import signal
+import subprocess
+import sys
+import time
 from collections import Counter, defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from tests.support.realpacs import _die_with_parent
 
 LEVELS = ("WARNING", "ERROR", "CRITICAL", "Traceback")
 
@@ -39,6 +48,43 @@ def bench_main(argv: Sequence[str] | None, parse_args: Callable[[Sequence[str] |
     print()
     print(render(report))
     return 0 if report["checks"]["ok"] else 1
+
+
+def py_spy_exe() -> str | None:
+    """py-spy on PATH or beside this Python, or None when it is not installed."""
+    exe = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    return exe if os.access(exe, os.X_OK) else None
+
+
+def stop_py_spy(proc: subprocess.Popen[bytes]) -> str:
+    """Stop a ``py-spy record`` (it writes its output on Ctrl-C); returns the last line it printed."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+    err = proc.stderr.read().decode(errors="replace").strip() if proc.stderr else ""
+    return err.splitlines()[-1] if err else ""
+
+
+@contextmanager
+def py_spy_recording(exe: str, pid: int, raw: Path, gil: bool, roles: RoleMarkers) -> Iterator[dict[str, Any]]:
+    """py-spy ``record -f raw -r 250 --threads`` (with ``--gil``: the thread holding the GIL only) on
+    ``pid`` while the with-block runs. Yields the entry for the report, ``{"raw": ...}``, which the
+    block adds its results to; ``py_spy`` (py-spy's last line) and ``summary`` follow them."""
+    argv = [exe, "record", "-f", "raw", "-r", "250", "--threads", "-p", str(pid), "-o", str(raw),
+            "-d", "600"] + (["--gil"] if gil else [])
+    spy = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=_die_with_parent)
+    time.sleep(1.5)  # attach
+    entry: dict[str, Any] = {"raw": str(raw)}
+    try:
+        yield entry
+    finally:
+        entry["py_spy"] = stop_py_spy(spy)
+    if raw.exists():
+        entry["summary"] = summarise_pyspy(raw, roles)
 
 
 def frame_name(frame: str) -> str:

@@ -35,7 +35,6 @@ import math
 import os
 import platform
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -59,7 +58,7 @@ from tests.support.realpacs import (
 )
 
 from . import procstat
-from .common import bench_main, log_problems
+from .common import bench_main, log_problems, py_spy_exe, stop_py_spy
 from .data import BenchData, bench_data
 from .paths import (
     PATH_LABELS,
@@ -137,8 +136,8 @@ class PySpy:
     beside this Python, and the right to ptrace the gateway."""
 
     def __init__(self, pid: int, out: str, rate: int = 250) -> None:
-        exe = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
-        if not os.access(exe, os.X_OK):
+        exe = py_spy_exe()
+        if exe is None:
             raise SystemExit("--py-spy: py-spy is not installed (pip install py-spy)")
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         self.out = out
@@ -149,15 +148,7 @@ class PySpy:
         )
 
     def stop(self) -> str:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)  # py-spy writes its output on Ctrl-C
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
-        err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
-        return err.strip().splitlines()[-1] if err.strip() else ""
+        return stop_py_spy(self.proc)
 
 
 def _provenance() -> dict[str, Any]:

@@ -62,7 +62,6 @@ import os
 import platform
 import re
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -90,8 +89,8 @@ from tests.support.realpacs import (
 from . import procstat
 from .paths import park_reactor
 from .run import BenchGateway, _provenance
-from .common import bench_main, log_problems, summarise_pyspy
-from .wado import _children_cpu, _fmt, _nodelay, _py_spy_exe, loadavg, meta_info, thread_cpu
+from .common import bench_main, log_problems, py_spy_exe, py_spy_recording
+from .wado import _children_cpu, _fmt, _nodelay, loadavg, meta_info, thread_cpu
 
 GATEWAY_AE = "DICOMWEB-GW"
 ORTHANC_AE = "ORTHANC"
@@ -885,29 +884,16 @@ def profile_gateway(ctx: Context, out_dir: Path, path: str, client: HttpStore) -
         "threads": [{"tid": tid, "comm": after[tid][0], "cpu_s": round(cpu, 3)}
                     for tid, cpu in sorted(used.items(), key=lambda item: -item[1]) if cpu > 0.005],
     }
-    exe = _py_spy_exe()
+    exe = py_spy_exe()
     if exe is None:
         results["error"] = "py-spy is not installed"
         return results
     out_dir.mkdir(parents=True, exist_ok=True)
     for mode in ("gil", "nogil"):
         raw = out_dir / f"gateway-stow-{path}-{mode}.txt"
-        argv = [exe, "record", "-f", "raw", "-r", "250", "--threads", "-p", str(ctx.gateway_pid), "-o", str(raw),
-                "-d", "600"] + (["--gil"] if mode == "gil" else [])
-        spy = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=_die_with_parent)
-        time.sleep(1.5)  # attach
-        runs, errors = stores(ctx.profile.profile_runs, time.monotonic() + 120)
-        spy.send_signal(signal.SIGINT)
-        try:
-            spy.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            spy.kill()
-            spy.wait(timeout=5)
-        err = spy.stderr.read().decode(errors="replace").strip() if spy.stderr else ""
-        entry: dict[str, Any] = {"raw": str(raw), "store_seconds": runs, "errors": errors,
-                                 "py_spy": err.splitlines()[-1] if err else ""}
-        if raw.exists():
-            entry["summary"] = summarise_pyspy(raw, _ROLE_MARKERS)
+        with py_spy_recording(exe, ctx.gateway_pid, raw, mode == "gil", _ROLE_MARKERS) as entry:
+            runs, errors = stores(ctx.profile.profile_runs, time.monotonic() + 120)
+            entry.update(store_seconds=runs, errors=errors)
         results[mode] = entry
     clear_orthanc(ctx.server)
     return results

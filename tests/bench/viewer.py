@@ -49,9 +49,7 @@ import math
 import os
 import platform
 import re
-import signal
 import statistics
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -68,13 +66,12 @@ from tests.support.realpacs import (
     ORTHANC_BINARY,
     ORTHANC_DICOMWEB_PLUGIN,
     OrthancServer,
-    _die_with_parent,
     free_port,
     orthanc_version,
 )
 
 from . import procstat
-from .common import bench_main, log_problems, summarise_pyspy
+from .common import bench_main, log_problems, py_spy_exe, py_spy_recording
 from .run import BenchGateway, _provenance
 from .wado import (
     _ROLE_MARKERS,
@@ -87,7 +84,6 @@ from .wado import (
     HttpPath,
     Target,
     _fmt,
-    _py_spy_exe,
     gateway_settings,
     loadavg,
     meta_info,
@@ -681,7 +677,7 @@ def profile_cold(ctx: Context, out_dir: Path, copies: Sequence[SeriesCopy]) -> d
     """py-spy ``record -f raw -r 250 --threads`` on the gateway during a cold C-GET session, with
     ``--gil`` (the thread holding the GIL) and without (every thread on a CPU), each on a copy of its
     own. The metadata request and the frames are recorded apart, so that each phase's time shows."""
-    exe = _py_spy_exe()
+    exe = py_spy_exe()
     if exe is None:
         return {"error": "py-spy is not installed"}
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -692,35 +688,19 @@ def profile_cold(ctx: Context, out_dir: Path, copies: Sequence[SeriesCopy]) -> d
         entry: dict[str, Any] = {"copy": copy.index}
         for phase in ("metadata", "frames"):
             raw = out_dir / f"gateway-viewer-cold-{phase}-{mode}.txt"
-            argv = [exe, "record", "-f", "raw", "-r", "250", "--threads", "-p", str(ctx.gateway_pid),
-                    "-o", str(raw), "-d", "600"] + (["--gil"] if mode == "gil" else [])
-            spy = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                   preexec_fn=_die_with_parent)
-            time.sleep(1.5)  # attach
-            got: dict[str, Any] = {"raw": str(raw)}
-            try:
-                if phase == "metadata":
-                    got["ms"] = fetch_metadata(browser, copy, cap)["metadata_ms"]
-                    ctx.checked["metadata"] += 1
-                else:
-                    frames = fetch_frames(browser, copy, ctx.data.pixels, PARALLEL, ctx.executor, cap)
-                    ctx.checked["frames"] += len(frames.latencies)
-                    got["ms"] = _ms(frames.seconds)
-                    if frames.errors:
-                        got["error"] = frames.errors[0]
-            except Exception as exc:
-                got["error"] = f"{type(exc).__name__}: {exc}"
-            finally:
-                spy.send_signal(signal.SIGINT)
+            with py_spy_recording(exe, ctx.gateway_pid, raw, mode == "gil", VIEWER_ROLES) as got:
                 try:
-                    spy.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    spy.kill()
-                    spy.wait(timeout=5)
-            err = spy.stderr.read().decode(errors="replace").strip() if spy.stderr else ""
-            got["py_spy"] = err.splitlines()[-1] if err else ""
-            if raw.exists():
-                got["summary"] = summarise_pyspy(raw, VIEWER_ROLES)
+                    if phase == "metadata":
+                        got["ms"] = fetch_metadata(browser, copy, cap)["metadata_ms"]
+                        ctx.checked["metadata"] += 1
+                    else:
+                        frames = fetch_frames(browser, copy, ctx.data.pixels, PARALLEL, ctx.executor, cap)
+                        ctx.checked["frames"] += len(frames.latencies)
+                        got["ms"] = _ms(frames.seconds)
+                        if frames.errors:
+                            got["error"] = frames.errors[0]
+                except Exception as exc:
+                    got["error"] = f"{type(exc).__name__}: {exc}"
             entry[phase] = got
             if "error" in got:
                 break

@@ -50,11 +50,9 @@ import platform
 import re
 import resource
 import shutil
-import signal
 import statistics
 import struct
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -78,7 +76,7 @@ from tests.support.realpacs import (
 )
 
 from . import procstat
-from .common import bench_main, log_problems, summarise_pyspy
+from .common import bench_main, log_problems, py_spy_exe, py_spy_recording
 from .run import BenchGateway, _provenance
 
 GATEWAY_AE = "DICOMWEB-GW"
@@ -705,6 +703,10 @@ def measure_listing(port: int, target: Target, runs: int) -> dict[str, Any]:
     out: dict[str, Any] = {"identifier_keys": keys, "matches": target.instances, "runs": runs}
     errors: list[str] = []
 
+    def record(key: str, times: Sequence[float]) -> None:
+        out[f"{key}_ms"] = [round(t * 1000, 2) for t in times]
+        out[f"{key}_median_ms"] = round(statistics.median(times) * 1000, 2) if times else None
+
     query = Query("listing", "listing", Resource(Level.IMAGE, target.study_uid, target.series_uid), "", "",
                   None, target.instances, identifier)
     times: list[float] = []
@@ -718,8 +720,7 @@ def measure_listing(port: int, target: Target, runs: int) -> dict[str, Any]:
             client.close()
     except Exception as exc:
         errors.append(f"pynetdicom C-FIND: {type(exc).__name__}: {exc}")
-    out["pynetdicom_ms"] = [round(t * 1000, 2) for t in times]
-    out["pynetdicom_median_ms"] = round(statistics.median(times) * 1000, 2) if times else None
+    record("pynetdicom", times)
 
     times = []
     try:
@@ -746,24 +747,16 @@ def measure_listing(port: int, target: Target, runs: int) -> dict[str, Any]:
             assoc.release()
     except Exception as exc:
         errors.append(f"gateway UL C-FIND: {type(exc).__name__}: {exc}")
-    out["ul_ms"] = [round(t * 1000, 2) for t in times]
-    out["ul_median_ms"] = round(statistics.median(times) * 1000, 2) if times else None
+    record("ul", times)
 
-    times = []
-    try:
-        times = _gateway_listing(port, target, runs)
-    except Exception as exc:
-        errors.append(f"gateway list_instances: {type(exc).__name__}: {exc}")
-    out["gateway_code_ms"] = [round(t * 1000, 2) for t in times]
-    out["gateway_code_median_ms"] = round(statistics.median(times) * 1000, 2) if times else None
-
-    times = []
-    try:
-        times = _findscu_listing(port, target, runs)
-    except Exception as exc:
-        errors.append(f"findscu: {type(exc).__name__}: {exc}")
-    out["findscu_ms"] = [round(t * 1000, 2) for t in times]
-    out["findscu_median_ms"] = round(statistics.median(times) * 1000, 2) if times else None
+    for key, what, listing in (("gateway_code", "gateway list_instances", _gateway_listing),
+                               ("findscu", "findscu", _findscu_listing)):
+        times = []
+        try:
+            times = listing(port, target, runs)
+        except Exception as exc:
+            errors.append(f"{what}: {type(exc).__name__}: {exc}")
+        record(key, times)
     out["errors"] = errors
     return out
 
@@ -1083,49 +1076,29 @@ def slow_client(profile: Profile, dicom_port: int, move_port: int, target: Targe
 # py-spy
 
 
-def _py_spy_exe() -> str | None:
-    exe = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
-    return exe if os.access(exe, os.X_OK) else None
-
-
 def profile_gateway(ctx: Context, out_dir: Path, target: Target, client: HttpPath) -> dict[str, Any]:
     """py-spy ``record -f raw -r 250 --threads`` on the gateway during C-GET retrieves of ``target``,
     with ``--gil`` (the thread holding the GIL) and without (every thread on a CPU)."""
     results: dict[str, Any] = {"threads_cpu": threads_cpu_pass(ctx, target, client)}
-    exe = _py_spy_exe()
+    exe = py_spy_exe()
     if exe is None:
         results["error"] = "py-spy is not installed"
         return results
     out_dir.mkdir(parents=True, exist_ok=True)
     for mode in ("gil", "nogil"):
         raw = out_dir / f"gateway-get-{target.name}-{mode}.txt"
-        argv = [exe, "record", "-f", "raw", "-r", "250", "--threads", "-p", str(ctx.gateway_pid), "-o", str(raw),
-                "-d", "600"]
-        if mode == "gil":
-            argv.append("--gil")
-        spy = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=_die_with_parent)
-        time.sleep(1.5)  # attach
-        runs, errors = [], []
-        deadline = time.monotonic() + 60
-        for _ in range(ctx.profile.profile_runs):
-            if time.monotonic() > deadline:
-                break
-            try:
-                got = client.retrieve(target)
-                runs.append(round(got.seconds, 3))
-            except Exception as exc:
-                errors.append(f"{type(exc).__name__}: {exc}")
-        spy.send_signal(signal.SIGINT)
-        try:
-            spy.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            spy.kill()
-            spy.wait(timeout=5)
-        err = spy.stderr.read().decode(errors="replace").strip() if spy.stderr else ""
-        entry: dict[str, Any] = {"raw": str(raw), "retrieve_seconds": runs, "errors": errors,
-                                 "py_spy": err.splitlines()[-1] if err else ""}
-        if raw.exists():
-            entry["summary"] = summarise_pyspy(raw, _ROLE_MARKERS)
+        with py_spy_recording(exe, ctx.gateway_pid, raw, mode == "gil", _ROLE_MARKERS) as entry:
+            runs, errors = [], []
+            deadline = time.monotonic() + 60
+            for _ in range(ctx.profile.profile_runs):
+                if time.monotonic() > deadline:
+                    break
+                try:
+                    got = client.retrieve(target)
+                    runs.append(round(got.seconds, 3))
+                except Exception as exc:
+                    errors.append(f"{type(exc).__name__}: {exc}")
+            entry.update(retrieve_seconds=runs, errors=errors)
         results[mode] = entry
     return results
 

@@ -9,8 +9,6 @@ comes from ``X-Forwarded-For`` when the test sends one.
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import copy
 import json
 import logging
@@ -25,15 +23,12 @@ from typing import Any
 
 import httpx
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from pydicom.dataset import Dataset
 
 from gateway.auth import hash_api_key
 from gateway.demo.pacs import DemoPACS
 from tests.integration.stow_support import MULTIPART, fresh_copy, multipart_body, p10_bytes
+from tests.support.certs import CertificateAuthority
 from tests.support.gatewayproc import GatewayProcess
 
 READER = "reader-" + "r" * 40
@@ -46,42 +41,11 @@ WAIT = 15.0  # the most a test waits for a record to be written (it is written a
 # A TLS syslog receiver (RFC 5425) with a CA of its own
 
 
-def _name(common_name: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-
-
 def make_ca_and_server_cert(directory: Path) -> tuple[str, str, str]:
     """(CA file, server certificate file, server key file) for a server at 127.0.0.1."""
-    now = datetime.datetime.now(datetime.timezone.utc)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = (x509.CertificateBuilder().subject_name(_name("audit test CA")).issuer_name(_name("audit test CA"))
-          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
-          .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
-          .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-          .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
-                                       content_commitment=False, key_encipherment=False, data_encipherment=False,
-                                       key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
-          .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
-          .sign(ca_key, hashes.SHA256()))
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = (x509.CertificateBuilder().subject_name(_name("127.0.0.1")).issuer_name(ca.subject)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=False, crl_sign=False,
-                                         content_commitment=False, key_encipherment=False, data_encipherment=False,
-                                         key_agreement=True, encipher_only=False, decipher_only=False), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                           critical=False)
-            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
-            .sign(ca_key, hashes.SHA256()))
-    paths = (directory / "ca.pem", directory / "server.pem", directory / "server.key")
-    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    paths[1].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    paths[2].write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    return str(paths[0]), str(paths[1]), str(paths[2])
+    ca = CertificateAuthority("audit test CA")
+    cert_file, key_file = ca.issue("127.0.0.1", ips=("127.0.0.1",), client=False).write(directory, "server")
+    return ca.write(directory, "ca"), cert_file, key_file
 
 
 class SyslogReceiver:

@@ -5,18 +5,13 @@ hang."""
 
 from __future__ import annotations
 
-import json
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests.bench.smoke import run_report
 from tests.support.realpacs import ORTHANC_BINARY, require_binary
 
-ROOT = Path(__file__).resolve().parents[2]
 REQUESTS = 300
 CLIENTS = 32
 TIMEOUT = 240  # the run takes 30-40 s, most of it waiting for the gateway to come to rest twice
@@ -26,24 +21,9 @@ TIMEOUT = 240  # the run takes 30-40 s, most of it waiting for the gateway to co
 def test_soak_smoke(tmp_path: Path) -> None:
     require_binary(ORTHANC_BINARY, "Orthanc (Debian package orthanc)")
     out = tmp_path / "soak.json"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.soak.soak", "--requests", str(REQUESTS), "--clients", str(CLIENTS),
-         "--duration-limit", "150", "--out", str(out)],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))},
-    )
-    try:
-        output, _ = proc.communicate(timeout=TIMEOUT)
-    except subprocess.TimeoutExpired:
-        proc.send_signal(signal.SIGTERM)  # lets it stop Orthanc and the gateway
-        try:
-            output, _ = proc.communicate(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            output, _ = proc.communicate()
-        pytest.fail(f"the soak did not finish within {TIMEOUT} s:\n{output[-4000:]}")
-    assert out.exists(), f"no report; exit {proc.returncode}:\n{output[-4000:]}"
-    report = json.loads(out.read_text())
+    report, output, returncode = run_report(
+        "tests.soak.soak", ["--requests", str(REQUESTS), "--clients", str(CLIENTS), "--duration-limit", "150"],
+        out, TIMEOUT, what="the soak")
     checks = report["checks"]
 
     assert checks["all_requests_run"], output[-4000:]
@@ -64,5 +44,5 @@ def test_soak_smoke(tmp_path: Path) -> None:
     assert peak["associations"] <= 4, gateway  # the node's max_associations
     assert checks["rss_back"], (checks["rss_growth_mb"], checks["rss_tolerance_mb"])
     assert checks["gateway_log_errors"] == []
-    assert checks["ok"] and proc.returncode == 0, output[-4000:]
+    assert checks["ok"] and returncode == 0, output[-4000:]
     assert "Soak: 300 of 300 requests" in output
