@@ -15,6 +15,7 @@ Import the fixtures into a test module with ``from tests.integration.stow_suppor
 from __future__ import annotations
 
 import io
+from copy import deepcopy
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -103,11 +104,11 @@ def pydicom_file(name: str) -> Dataset:
 
 
 def fresh_copy(ds: Dataset, *, study: str | None = None, series: str | None = None) -> Dataset:
-    """A copy with new SOP Instance UID (and study/series UIDs when given)."""
-    copy = ds.copy()
+    """A copy with new SOP Instance UID (and study/series UIDs when given). Deep: a shallow copy
+    shares its elements with ``ds``, so the new UIDs would change ``ds`` (a session's data set) too."""
+    copy = deepcopy(ds)
     copy.SOPInstanceUID = generate_uid()
-    if "file_meta" in ds.__dict__ or getattr(ds, "file_meta", None) is not None:
-        copy.file_meta = ds.file_meta.copy()
+    if getattr(copy, "file_meta", None) is not None:
         copy.file_meta.MediaStorageSOPInstanceUID = copy.SOPInstanceUID
     if study is not None:
         copy.StudyInstanceUID = study

@@ -9,7 +9,6 @@ comes from ``X-Forwarded-For`` when the test sends one.
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import re
@@ -146,12 +145,6 @@ def http() -> Iterator[httpx.Client]:
         yield client
 
 
-def new_instance(ds: Dataset) -> Dataset:
-    """A copy of a session data set with a new SOP Instance UID; ``fresh_copy`` alone is shallow and
-    would change the session's ``studies`` too."""
-    return fresh_copy(copy.deepcopy(ds))
-
-
 def audit_record(gw: GatewayProcess, request_id: str) -> dict[str, Any]:
     """The record of one request, waiting (boundedly) for the writer thread to get to it."""
     deadline = time.monotonic() + WAIT
@@ -209,8 +202,8 @@ def test_every_retrieve_leaves_a_record(gw: GatewayProcess, http: httpx.Client, 
 
 def test_stow_leaves_a_record(gw: GatewayProcess, http: httpx.Client, vault: DemoPACS,
                               studies: list[Dataset]) -> None:
-    first = new_instance(studies[0])
-    second = new_instance(studies[0])
+    first = fresh_copy(studies[0])
+    second = fresh_copy(studies[0])
     body = multipart_body([p10_bytes(first), p10_bytes(second)])
     r = http.post(gw.url("vault", "/studies"), content=body,
                   headers={"X-API-Key": WRITER, "Content-Type": MULTIPART, "Accept": "application/dicom+json"})

@@ -9,7 +9,6 @@ after 1 s (``auth.jwks_min_refresh``), so the key rotation test waits about a se
 
 from __future__ import annotations
 
-import copy
 import json
 import subprocess
 import sys
@@ -150,12 +149,6 @@ def http() -> Iterator[httpx.Client]:
         yield client
 
 
-def new_instance(ds: Dataset) -> Dataset:
-    """A copy of a session data set with a new SOP Instance UID; ``fresh_copy`` alone is shallow and
-    would change the session's ``studies`` too."""
-    return fresh_copy(copy.deepcopy(ds))
-
-
 def bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
@@ -265,7 +258,7 @@ def stow_request(http: httpx.Client, gw: GatewayProcess, token: str, ds: Dataset
 def test_read_token_on_stow_is_403_and_nothing_is_stored(gw: GatewayProcess, idp: IdentityProvider,
                                                           http: httpx.Client, vault: DemoPACS,
                                                           studies: list[Dataset]) -> None:
-    ds = new_instance(studies[0])
+    ds = fresh_copy(studies[0])
     token = idp.token(scope="dicomweb.read", groups=["uploaders"])
     r = stow_request(http, gw, token, ds)
     assert r.status_code == 403 and r.json()["error"] == "insufficient-scope"
@@ -276,14 +269,14 @@ def test_read_token_on_stow_is_403_and_nothing_is_stored(gw: GatewayProcess, idp
 
 def test_write_token_on_stow_stores(gw: GatewayProcess, idp: IdentityProvider, http: httpx.Client, vault: DemoPACS,
                                     studies: list[Dataset]) -> None:
-    ds = new_instance(studies[0])
+    ds = fresh_copy(studies[0])
     token = idp.token(scope="dicomweb.write", dicomweb_nodes=None, groups=["staff", "uploaders"])
     r = stow_request(http, gw, token, ds)
     assert r.status_code == 200, r.text
     assert ds.SOPInstanceUID in {h.SOPInstanceUID for h in vault.headers()}
     # the same write token may not read, and the grant gives the vault only
     assert http.get(gw.url("vault", "/studies"), headers={**JSON, **bearer(token)}).status_code == 403
-    r = stow_request(http, gw, idp.token(scope="dicomweb.write", dicomweb_nodes=["demo"]), new_instance(studies[0]))
+    r = stow_request(http, gw, idp.token(scope="dicomweb.write", dicomweb_nodes=["demo"]), fresh_copy(studies[0]))
     assert r.status_code == 403 and r.json()["error"] == "node-forbidden"
 
 
