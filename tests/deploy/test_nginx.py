@@ -12,8 +12,6 @@ operations endpoints stay inside.
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import re
 import socket
 import ssl
@@ -26,14 +24,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from gateway.demo.data import generate_studies, instance_bytes
 from gateway.demo.pacs import DemoPACS
 from tests.deploy.support import NGINX_CONF
+from tests.support.certs import CertificateAuthority
 from tests.support.gatewayproc import GatewayProcess
 from tests.support.realpacs import free_port, require_binary
 
@@ -44,23 +39,13 @@ DEFAULT_BODY_LIMIT = 1024 * 1024  # nginx's own client_max_body_size
 
 
 def self_signed(directory: Path) -> tuple[Path, Path]:
-    """A certificate for 127.0.0.1 / localhost and its key, as PEM files."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (
-        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
-                                                    x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
-        .sign(key, hashes.SHA256())
-    )
+    """A certificate for 127.0.0.1 / localhost with its chain, and its key, as PEM files; clients
+    trust the chain file (it holds the test CA)."""
+    ca = CertificateAuthority("dicomweb-gateway proxy test CA")
+    leaf = ca.issue("localhost", dns=("localhost",), ips=("127.0.0.1",), client=False)
     cert_path, key_path = directory / "fullchain.pem", directory / "privkey.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
+    cert_path.write_bytes(leaf.cert_pem + ca.cert_pem)
+    key_path.write_bytes(leaf.key_pem)
     key_path.chmod(0o600)
     return cert_path, key_path
 
